@@ -349,7 +349,8 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
     timestep goes to "t = -1" where alpha_bar = 1, so the sampler lands on x0_hat."""
     if y is None and cfg_scale != 1.0:
         raise ValueError("classifier-free guidance needs labels y")
-    device = y.device if y is not None else next(iter(getattr(model_fn, "parameters", lambda: [])()), torch.empty(0)).device
+    params = getattr(model_fn, "parameters", None)
+    device = y.device if y is not None else next(params()).device if params else torch.device("cpu")
     x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)  # x_T: (N, C, H, W)
     ts = schedule.timesteps(steps, spacing).tolist()
     alpha_bar = schedule.alpha_bar.tolist()
@@ -416,7 +417,7 @@ def make_shapes(n, image_size=32, seed=0, chunk=1000):
     for lab in labels.split(chunk):
         m = lab.shape[0]
         u = lambda lo, hi, *s: lo + (hi - lo) * torch.rand(m, *s, generator=g)
-        cx, cy, radius = u(-0.4, 0.4, 1, 1), u(-0.4, 0.4, 1, 1), u(0.35, 0.6, 1, 1)
+        cx, cy, radius = u(-0.35, 0.35, 1, 1), u(-0.35, 0.35, 1, 1), u(0.45, 0.75, 1, 1)
         X, Y = (xx - cx) / radius, (yy - cy) / radius                          # (m, S, S) shape-local coordinates
         mask = torch.zeros(m, 1, S, S)
         for c in lab.unique().tolist():
@@ -803,7 +804,7 @@ def train(cfg, log=print):
             signal.signal(s, h)
     if stop["signal"] is not None and master:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written, continue with --resume {out}")
-    return ema, {"steps": step, "train_seconds": time.time() - t0, "params": n_params, "config": cfg}
+    return ema, {"steps": step, "train_seconds": time.time() - t0, "params": n_params, "config": cfg, "model": model}
 
 
 # =================================================================================================
@@ -966,10 +967,12 @@ class Ruler:
 
 
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
-             batch=256, precision="auto", label=None):
+             batch=None, precision="auto", label=None):
     """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`).
-    The noise of sample i does not depend on `batch`, so models are compared from the same x_T."""
+    The noise of sample i does not depend on `batch`, so models are compared from the same x_T. The default
+    batch is 64 on a CPU, where larger batches run slower per image (measured), and 256 on a GPU."""
     device = next(model.parameters()).device
+    batch = batch or (256 if device.type == "cuda" else 64)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
     y = None
@@ -985,7 +988,7 @@ def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
 
 
 def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing",
-                   seed=0, batch=256, precision="auto"):
+                   seed=0, batch=None, precision="auto"):
     """Sample n images and measure them; the result carries its protocol."""
     t0 = time.time()
     x, y = generate(model, schedule, n, steps, cfg_scale, cfg_rescale, eta, spacing, seed, batch, precision)
@@ -1034,31 +1037,24 @@ ROWS = [  # (row, name, which trained model, guided?)
 def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision):
     """One labelled column per row, the same classes and the same initial noise in every column."""
     from PIL import Image, ImageDraw
+    scale, pad, head = 2, 8, 30
     columns = []
     for row, name, key, guided in rows:
         m = models[key]
-        n = per_class * max(m.num_classes, 1)
+        k, s = max(m.num_classes, 1), m.image_size
         w, phi = guidance if guided else (1.0, 0.0)
-        x, _ = generate(m, schedule, n, steps, w, phi, seed=12345, precision=precision)
-        # (n, 3, H, W) -> per_class columns of one image per class
-        x = to_uint8(x).view(per_class, -1, 3, m.image_size, m.image_size) if False else to_uint8(x)
-        grid = x.view(per_class, n // per_class, 3, m.image_size, m.image_size).permute(1, 3, 0, 4, 2)
-        grid = grid.reshape(n // per_class * m.image_size, per_class * m.image_size, 3).numpy()
-        columns.append((f"{row}. {name}" + (f" (w={w:g})" if guided else ""), Image.fromarray(grid)))
-    scale, pad, head = 2, 8, 28
-    cw = max(c.width for _, c in columns) * scale
-    width = max(cw, 150)
-    canvas = Image.new("RGB", (len(columns) * (width + pad) + pad, columns[0][1].height * scale + head + pad), "white")
+        x, _ = generate(m, schedule, per_class * k, steps, w, phi, seed=12345, precision=precision)
+        # sample i has class i % k: lay out one class per line, per_class samples side by side
+        grid = to_uint8(x).view(per_class, k, 3, s, s).permute(1, 3, 0, 4, 2).reshape(k * s, per_class * s, 3)
+        title = f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if guided else "no guidance")
+        columns.append((title, Image.fromarray(grid.numpy()).resize((per_class * s * scale, k * s * scale), Image.NEAREST)))
+    width = max(160, columns[0][1].width)
+    canvas = Image.new("RGB", (len(columns) * (width + pad) + pad, columns[0][1].height + head + pad), "white")
     draw = ImageDraw.Draw(canvas)
     for i, (title, col) in enumerate(columns):
         x0 = pad + i * (width + pad)
-        words, lines = title.split(" "), [""]
-        for word in words:                                         # wrap the title to the column width
-            lines[-1] = (lines[-1] + " " + word).strip() if draw.textlength(lines[-1] + " " + word) < width else lines[-1]
-            if lines[-1] != (lines[-1] + " " + word).strip() and not lines[-1].endswith(word):
-                lines.append(word)
-        draw.multiline_text((x0, 2), "\n".join(lines[:2]), fill="black")
-        canvas.paste(col.resize((col.width * scale, col.height * scale), Image.NEAREST), (x0 + (width - cw) // 2, head))
+        draw.multiline_text((x0, 3), title, fill="black")
+        canvas.paste(col, (x0 + (width - col.width) // 2, head))
     canvas.save(path)
 
 
@@ -1200,9 +1196,8 @@ def bench(cfg, iters=5, log=print):
     def sampler(w):
         def run():
             with amp:
-                sample(net if not cfg["compile"] else model, schedule, (B, 3, S, S), y, steps=50, cfg_scale=w)
+                sample(net, schedule, (B, 3, S, S), y, steps=50, cfg_scale=w)
         return run
-    net.num_classes = 10
     t_u, t_g = timed(sampler(1.0), 1), timed(sampler(3.0), 1)
     res = {"params": sum(p.numel() for p in model.parameters()), "device": str(device), "batch": B,
            "precision": cfg["precision"], "threads": torch.get_num_threads(),
@@ -1238,7 +1233,8 @@ def add_train_args(p, names=None):
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=help)
         else:
-            p.add_argument(flag, type=type(default), default=default, help=f"{help} (default: {default})")
+            p.add_argument(flag, type=type(default), default=default, metavar=type(default).__name__.upper(),
+                           help=help if "default" in help else f"{help} (default: {default})")
 
 
 def add_sampling_args(p):
@@ -1249,7 +1245,7 @@ def add_sampling_args(p):
     p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = ancestral (default: 0)")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"], help="timestep spacing (default: trailing)")
     p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    p.add_argument("--batch", type=int, default=256, help="images per forward pass (default: 256)")
+    p.add_argument("--batch", type=int, default=None, help="images per sampling batch (default: 64 on CPU, 256 on GPU)")
     p.add_argument("--device", default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available, else cpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast precision (default: auto)")
 
@@ -1306,6 +1302,7 @@ def load_for_sampling(args):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
+    sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
     parser = build_parser()
     args = parser.parse_args(argv or ["reproduce"])
     if args.command is None:

@@ -1,0 +1,615 @@
+"""Tests of perceptual_diffusion.py: each name states the property it checks. All on CPU, tiny models.
+Run: python -m pytest -q"""
+import io
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import perceptual_diffusion as pd
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+TINY = dict(image_size=8, channels=8, channel_mult=(1, 2), num_res_blocks=1, attn_resolutions=(4,), num_classes=3)
+# The same tiny model as training flags, on 16-pixel shapes.
+TINY_FLAGS = ["--image-size", "16", "--channels", "8", "--channel-mult", "1,2", "--attn-res", "8", "--batch-size", "8"]
+TINY_CFG = dict(image_size=16, channels=8, channel_mult="1,2", attn_res="8", batch_size=8, warmup=1, lr=1e-3,
+                log_every=1, sample_every=0, device="cpu")
+
+
+def tiny_unet(seed=0, **kw):
+    torch.manual_seed(seed)
+    model = pd.UNet(**{**TINY, **kw})
+    # UNet zero-initialises its output layers (each block starts as the identity); perturb them so that
+    # tests see a network whose every path matters.
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def run_cli(*args, **kw):
+    return subprocess.run([sys.executable, os.path.join(HERE, "perceptual_diffusion.py"), *args],
+                          capture_output=True, text=True, timeout=300, **kw)
+
+
+# ------------------------------------------ schedule ------------------------------------------
+
+@pytest.mark.parametrize("betas", ["linear", "scaled_linear", "cosine"])
+def test_zero_terminal_snr_makes_last_alpha_bar_zero_and_keeps_first(betas):
+    plain, ztsnr = pd.Schedule(1000, betas, zero_terminal_snr=False), pd.Schedule(1000, betas)
+    assert ztsnr.alpha_bar[-1].item() == 0.0
+    assert plain.alpha_bar[-1].item() > 0                          # the flaw the rescale fixes
+    assert ztsnr.alpha_bar[0].item() == pytest.approx(plain.alpha_bar[0].item(), rel=1e-6)
+    assert ztsnr.betas[-1].item() == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("betas", ["linear", "scaled_linear", "cosine"])
+def test_snr_strictly_decreasing_and_alpha_sigma_on_unit_circle(betas):
+    s = pd.Schedule(1000, betas)
+    snr = s.alpha_bar.double() / (1 - s.alpha_bar.double())
+    assert (snr[1:] < snr[:-1]).all()
+    assert torch.allclose(s.alpha ** 2 + s.sigma ** 2, torch.ones(1000), atol=1e-6)
+
+
+def test_ztsnr_matches_common_diffusion_algorithm_1_on_sd_betas():
+    # Algorithm 1 of Lin et al. 2023, written out in numpy on Stable Diffusion's betas.
+    betas = np.linspace(0.00085 ** 0.5, 0.012 ** 0.5, 1000) ** 2
+    a = np.sqrt(np.cumprod(1 - betas))
+    a0, aT = a[0], a[-1]
+    a = (a - aT) * a0 / (a0 - aT)
+    ab = a ** 2
+    ref = 1 - np.concatenate([ab[:1], ab[1:] / ab[:-1]])
+    assert np.allclose(pd.Schedule(1000, "scaled_linear").betas.numpy(), ref, atol=1e-6)
+
+
+def test_q_sample_and_v_target_follow_their_definitions():
+    s = pd.Schedule(1000)
+    x0, eps, t = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 10, 500, 999])
+    a, sg = s.alpha[t].view(-1, 1, 1, 1), s.sigma[t].view(-1, 1, 1, 1)
+    assert torch.allclose(s.q_sample(x0, t, eps), a * x0 + sg * eps)
+    assert torch.allclose(s.v_target(x0, eps, t), a * eps - sg * x0)
+    assert torch.equal(s.q_sample(x0, t[3:].expand(4), eps), eps)  # t = T-1 is pure noise
+
+
+def test_v_x0_eps_conversions_invert_each_other_at_every_t_including_last():
+    s = pd.Schedule(1000)
+    x0, eps = torch.randn(6, 3, 8, 8), torch.randn(6, 3, 8, 8)
+    t = torch.tensor([0, 1, 250, 500, 998, 999])
+    x_t, v = s.q_sample(x0, t, eps), s.v_target(x0, eps, t)
+    x0_hat, eps_hat = s.pred_to_x0_eps(x_t, v, t)
+    assert torch.allclose(x0_hat, x0, atol=1e-5) and torch.allclose(eps_hat, eps, atol=1e-5)
+    assert torch.isfinite(x0_hat).all()
+
+
+def test_timesteps_match_published_definitions_on_known_cases():
+    s = pd.Schedule(1000)
+    # Common Diffusion, Table 2 (T = 1000, S = 10), and diffusers' DDIMScheduler for S = 3.
+    assert s.timesteps(10, "trailing").tolist() == [999, 899, 799, 699, 599, 499, 399, 299, 199, 99]
+    assert s.timesteps(10, "leading").tolist() == [900, 800, 700, 600, 500, 400, 300, 200, 100, 0]
+    assert s.timesteps(10, "linspace").tolist() == [999, 888, 777, 666, 555, 444, 333, 222, 111, 0]
+    assert s.timesteps(3, "trailing").tolist() == [999, 666, 332]
+    assert s.timesteps(3, "leading").tolist() == [666, 333, 0]
+    assert s.timesteps(3, "linspace").tolist() == [999, 500, 0]
+    assert s.timesteps(1000, "trailing").tolist() == list(range(999, -1, -1))
+    with pytest.raises(ValueError):
+        s.timesteps(10, "sideways")
+
+
+# ------------------------------------------- model --------------------------------------------
+
+def test_unet_returns_v_of_input_shape_and_null_label_changes_it():
+    model = tiny_unet()
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([3, 900])
+    v = model(x, t, torch.tensor([0, 1]))
+    assert v.shape == x.shape
+    assert not torch.allclose(v, model(x, t, torch.tensor([3, 3])))   # label 3 = num_classes = null
+    assert torch.allclose(model(x, t, None), model(x, t, torch.tensor([3, 3])))
+
+
+def test_unet_default_is_the_command_line_default_model():
+    cfg = {**pd.TRAIN_DEFAULTS, "num_classes": 10}
+    assert pd.model_kwargs(cfg) == {k: v for k, v in pd.model_kwargs(cfg).items()}
+    a, b = pd.UNet(), pd.UNet(**pd.model_kwargs(cfg))
+    assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
+
+
+def test_features_equal_mid_block_activation_of_full_forward():
+    model = tiny_unet().eval()
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([5, 700]), torch.tensor([2, 0])
+    seen = {}
+    hook = model.mid[-1].register_forward_hook(lambda m, i, o: seen.update(mid=o))
+    model(x, t, y)
+    hook.remove()
+    assert torch.equal(model.features(x, t, y), seen["mid"])
+
+
+def test_features_skip_the_up_path():
+    model = tiny_unet()
+    calls = []
+    hooks = [b.register_forward_hook(lambda *a: calls.append(1)) for b in model.up]
+    model.features(torch.randn(1, 3, 8, 8), torch.tensor([1]), torch.tensor([0]))
+    assert calls == []
+    [h.remove() for h in hooks]
+
+
+def test_image_size_the_unet_cannot_halve_is_a_usage_error():
+    with pytest.raises(pd.UsageError, match="cannot be halved"):
+        pd.UNet(image_size=30, channel_mult=(1, 2, 2))
+
+
+# ------------------------------------------ objectives -----------------------------------------
+
+def test_mse_loss_is_plain_v_mse():
+    model, s = tiny_unet(), pd.Schedule(1000)
+    x0, y, t, eps = torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3]), torch.tensor([0, 9, 500, 999]), torch.randn(4, 3, 8, 8)
+    expected = ((model(s.q_sample(x0, t, eps), t, y) - s.v_target(x0, eps, t)) ** 2).mean()
+    assert pd.mse_loss(model, s, x0, y, t, eps).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_losses_are_finite_scalars_at_the_last_timestep():
+    model, s = tiny_unet(), pd.Schedule(1000)
+    perceptual = pd.frozen_copy(model)
+    x0, y, t = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3]), torch.full((3,), 999)
+    for loss in (pd.mse_loss(model, s, x0, y, t), pd.self_perceptual_loss(model, perceptual, s, x0, y, t, t_prime=t)):
+        assert loss.dim() == 0 and torch.isfinite(loss)
+
+
+def test_self_perceptual_gives_online_model_gradients_and_perceptual_net_none():
+    model, s = tiny_unet(), pd.Schedule(1000)
+    perceptual = pd.frozen_copy(tiny_unet(seed=1))
+    loss = pd.self_perceptual_loss(model, perceptual, s, torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]))
+    loss.backward()
+    grads = [p.grad for p in model.parameters()]
+    assert all(g is not None for g in grads) and sum(g.abs().sum() for g in grads) > 0
+    assert all(p.grad is None and not p.requires_grad for p in perceptual.parameters())
+    assert not perceptual.training
+
+
+def test_self_perceptual_is_zero_when_online_model_predicts_true_v():
+    s = pd.Schedule(1000)
+    perceptual = pd.frozen_copy(tiny_unet())
+    x0, eps, y = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 3])
+    t, t_prime = torch.tensor([0, 300, 700, 999]), torch.tensor([999, 10, 500, 0])
+    oracle = lambda x_t, t_, y_: s.v_target(x0, eps, t_)
+    assert pd.self_perceptual_loss(oracle, perceptual, s, x0, y, t, t_prime, eps).item() < 1e-10
+    wrong = lambda x_t, t_, y_: s.v_target(x0, eps, t_) + 0.1
+    assert pd.self_perceptual_loss(wrong, perceptual, s, x0, y, t, t_prime, eps).item() > 1e-6
+
+
+def test_self_perceptual_compares_real_and_predicted_branches_at_t_prime():
+    # Written out from Algorithm 1 with the same draws: the function must equal this.
+    model, s = tiny_unet(), pd.Schedule(1000)
+    f = pd.frozen_copy(tiny_unet(seed=2))
+    x0, eps, y = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    t, tp = torch.tensor([100, 800]), torch.tensor([600, 50])
+    x_t = s.alpha[t].view(-1, 1, 1, 1) * x0 + s.sigma[t].view(-1, 1, 1, 1) * eps
+    v = model(x_t, t, y)
+    a, sg = s.alpha[t].view(-1, 1, 1, 1), s.sigma[t].view(-1, 1, 1, 1)
+    x0_hat, eps_hat = a * x_t - sg * v, sg * x_t + a * v
+    ap, sp = s.alpha[tp].view(-1, 1, 1, 1), s.sigma[tp].view(-1, 1, 1, 1)
+    expected = F.mse_loss(f.features(ap * x0_hat + sp * eps_hat, tp, y), f.features(ap * x0 + sp * eps, tp, y))
+    assert pd.self_perceptual_loss(model, f, s, x0, y, t, tp, eps).item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_t_prime_is_drawn_independently_of_t():
+    s, seen = pd.Schedule(1000), []
+    f = pd.frozen_copy(tiny_unet())
+    f.features = lambda x, t, y: (seen.append(t.clone()), x)[1]
+    t = torch.full((256,), 5)
+    pd.self_perceptual_loss(tiny_unet(), f, s, torch.randn(256, 3, 8, 8), torch.zeros(256, dtype=torch.long), t)
+    assert (seen[0] != 5).float().mean() > 0.9 and seen[0].unique().numel() > 100
+
+
+# ------------------------------------------- sampling -----------------------------------------
+
+class CountingModel:
+    """Wraps a model, counting forward calls and the batch size of each."""
+
+    def __init__(self, model):
+        self.model, self.num_classes, self.batches = model, model.num_classes, []
+
+    def __call__(self, x, t, y):
+        self.batches.append(x.shape[0])
+        return self.model(x, t, y)
+
+
+def test_guidance_scale_one_is_conditional_and_costs_one_forward_of_n():
+    model = CountingModel(tiny_unet().eval())
+    x, t, y = torch.randn(4, 3, 8, 8), torch.full((4,), 500), torch.tensor([0, 1, 2, 0])
+    v = pd.guided_v(model, x, t, y, 1.0, 0.7)
+    assert torch.allclose(v, model.model(x, t, y)) and model.batches == [4]
+
+
+def test_guidance_scale_zero_is_unconditional_and_one_batched_forward_of_2n():
+    model = CountingModel(tiny_unet().eval())
+    x, t, y = torch.randn(4, 3, 8, 8), torch.full((4,), 500), torch.tensor([0, 1, 2, 0])
+    v = pd.guided_v(model, x, t, y, 0.0, 0.0)
+    assert model.batches == [8]
+    assert torch.allclose(v, model.model(x, t, torch.full((4,), 3)), atol=1e-5)
+
+
+def test_guidance_formula_and_rescale_phi_zero_equals_plain_guidance():
+    model = tiny_unet().eval()
+    x, t, y = torch.randn(4, 3, 8, 8), torch.full((4,), 300), torch.tensor([0, 1, 2, 0])
+    v_c, v_u = model(x, t, y), model(x, t, torch.full((4,), 3))
+    v_cfg = v_u + 4.0 * (v_c - v_u)
+    assert torch.allclose(pd.guided_v(model, x, t, y, 4.0, 0.0), v_cfg, atol=1e-5)
+    # phi = 1: every sample's std is that of its conditional prediction
+    v1 = pd.guided_v(model, x, t, y, 4.0, 1.0)
+    assert torch.allclose(v1.std(dim=(1, 2, 3)), v_c.std(dim=(1, 2, 3)), rtol=1e-4)
+    v_half = pd.guided_v(model, x, t, y, 4.0, 0.5)
+    assert torch.allclose(v_half, 0.5 * v1 + 0.5 * v_cfg, atol=1e-5)
+
+
+class GaussianDenoiser:
+    """The exact E[v | x_t] for data x0 ~ N(mu, s^2 I): with D = alpha^2 s^2 + sigma^2,
+    E[x0 | x_t] = mu + alpha s^2 / D (x_t - alpha mu),  E[eps | x_t] = sigma / D (x_t - alpha mu)."""
+    num_classes = 0
+
+    def __init__(self, schedule, mu, s):
+        self.sch, self.mu, self.s = schedule, mu, s
+
+    def __call__(self, x, t, y):
+        a, sg = self.sch.alpha[t].view(-1, 1, 1, 1).double(), self.sch.sigma[t].view(-1, 1, 1, 1).double()
+        D = a ** 2 * self.s ** 2 + sg ** 2
+        r = x.double() - a * self.mu
+        return (a * sg / D * r - sg * (self.mu + a * self.s ** 2 / D * r)).float()
+
+
+def test_ddim_with_optimal_gaussian_denoiser_recovers_mean_and_std_as_steps_grow():
+    s, mu, std = pd.Schedule(1000, "linear"), 0.5, 0.3
+    model = GaussianDenoiser(s, mu, std)
+    noise = torch.randn(2000, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    errors = {}
+    for steps in (5, 50, 1000):
+        x = pd.sample(model, s, noise.shape, steps=steps, noise=noise)
+        assert x.mean().item() == pytest.approx(mu, abs=0.005)     # the mean is exact at any step count
+        errors[steps] = abs(x.std().item() - std)
+    # Few-step DDIM shrinks the std even with a perfect denoiser; the deterministic sampler converges to the
+    # probability-flow ODE, whose marginals are exact, as steps grow. Measured: 5 -> ~0.05, 1000 -> < 0.003.
+    assert errors[5] > 0.02
+    assert errors[1000] < 0.006
+    assert errors[5] > errors[50] > errors[1000]
+
+
+def test_ancestral_sampler_eta_one_also_recovers_the_gaussian():
+    s, mu, std = pd.Schedule(1000, "linear"), -0.2, 0.5
+    x = pd.sample(GaussianDenoiser(s, mu, std), s, (2000, 3, 4, 4), steps=200, eta=1.0,
+                  generator=torch.Generator().manual_seed(1))
+    assert x.mean().item() == pytest.approx(mu, abs=0.01)
+    assert x.std().item() == pytest.approx(std, abs=0.01)
+
+
+def test_sampler_is_deterministic_given_noise_and_lands_on_x0_hat():
+    s = pd.Schedule(1000)
+    model = tiny_unet().eval()
+    noise, y = torch.randn(2, 3, 8, 8), torch.tensor([0, 1])
+    a = pd.sample(model, s, noise.shape, y, steps=1, noise=noise)
+    # One trailing step from t = 999: x0_hat = alpha x_T - sigma v = -v (alpha = 0, sigma = 1).
+    with torch.no_grad():
+        assert torch.allclose(a, -model(noise, torch.full((2,), 999), y), atol=1e-6)
+    assert torch.equal(pd.sample(model, s, noise.shape, y, steps=4, cfg_scale=3.0, noise=noise),
+                       pd.sample(model, s, noise.shape, y, steps=4, cfg_scale=3.0, noise=noise))
+
+
+# ------------------------------------------ checkpoints ----------------------------------------
+
+def tiny_train(tmp_path, name="run", **kw):
+    cfg = {**TINY_CFG, "out": str(tmp_path / name), "steps": 3, "ckpt_every": 100, **kw}
+    return pd.train(cfg, log=lambda s: None)
+
+
+def test_checkpoint_saved_and_loaded_gives_identical_outputs(tmp_path):
+    ema, stats = tiny_train(tmp_path)
+    ckpt = pd.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    loaded = pd.model_from_checkpoint(ckpt).eval()
+    x, t, y = torch.randn(2, 3, 16, 16), torch.tensor([1, 999]), torch.tensor([0, 9])
+    with torch.no_grad():
+        assert torch.equal(ema(x, t, y), loaded(x, t, y))
+    assert ckpt["step"] == 3 and ckpt["config"]["num_classes"] == 10
+
+
+def test_resume_gives_the_same_weights_as_one_uninterrupted_run(tmp_path):
+    tiny_train(tmp_path, "ab", steps=3)
+    _, resumed = pd.train({**TINY_CFG, "resume": str(tmp_path / "ab"), "steps": 6}, log=lambda s: None)
+    _, straight = tiny_train(tmp_path, "straight", steps=6)
+    a, b = pd.load_checkpoint(str(tmp_path / "ab" / "ckpt.pt")), pd.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert a["step"] == b["step"] == 6
+    for key in ("model", "ema"):
+        assert all(torch.equal(a[key][k], b[key][k]) for k in a[key])
+    sa, sb = a["optimizer"]["state"], b["optimizer"]["state"]
+    assert all(torch.equal(sa[i]["exp_avg_sq"], sb[i]["exp_avg_sq"]) for i in sa)
+
+
+def test_resume_of_self_perceptual_keeps_the_frozen_perceptual_net(tmp_path):
+    tiny_train(tmp_path, "mse", steps=2)
+    init = str(tmp_path / "mse" / "ckpt.pt")
+    tiny_train(tmp_path, "sp", steps=2, loss="self-perceptual", init=init)
+    pd.train({**TINY_CFG, "resume": str(tmp_path / "sp"), "steps": 3}, log=lambda s: None)
+    stage1, sp = pd.load_checkpoint(init), pd.load_checkpoint(str(tmp_path / "sp" / "ckpt.pt"))
+    assert sp["step"] == 3 and all(torch.equal(stage1["ema"][k], sp["perceptual"][k]) for k in stage1["ema"])
+    assert not all(torch.equal(stage1["ema"][k], sp["model"][k]) for k in stage1["ema"])
+
+
+def test_killed_checkpoint_write_leaves_previous_checkpoint_intact(tmp_path, monkeypatch):
+    tiny_train(tmp_path)
+    path = str(tmp_path / "run" / "ckpt.pt")
+    before = open(path, "rb").read()
+
+    def dies_half_way(obj, f):
+        f.write(b"PK\x03\x04 half a checkpoint")
+        raise KeyboardInterrupt                                    # the process is killed mid-write
+    monkeypatch.setattr(pd.torch, "save", dies_half_way)
+    with pytest.raises(KeyboardInterrupt):
+        pd.save_checkpoint(path, {"config": {}, "model": {}, "ema": {}})
+    assert open(path, "rb").read() == before
+    assert pd.load_checkpoint(path)["step"] == 3
+
+
+def test_non_finite_loss_stops_naming_the_step_and_keeps_last_good_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    real = pd.mse_loss
+
+    def explodes_at_third_step(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] == 3 else loss
+    monkeypatch.setitem(pd.LOSSES, "mse", explodes_at_third_step)
+    with pytest.raises(FloatingPointError, match="at step 2"):
+        tiny_train(tmp_path, steps=5, ckpt_every=1)
+    ckpt = pd.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))
+    assert ckpt["step"] == 2 and all(torch.isfinite(v).all() for v in ckpt["model"].values())
+
+
+class Boom:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+@pytest.mark.parametrize("kind", ["truncated", "corrupt", "tampered", "wrong-kind", "missing"])
+def test_bad_checkpoints_give_one_line_and_exit_code_2(tmp_path, kind, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tiny_train(tmp_path)
+    good = open(tmp_path / "run" / "ckpt.pt", "rb").read()
+    bad = tmp_path / "bad.pt"
+    if kind == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    elif kind == "corrupt":
+        bad.write_bytes(bytes(np.random.default_rng(0).integers(0, 256, 5000, dtype=np.uint8)))
+    elif kind == "tampered":
+        torch.save({"kind": pd.CKPT_KIND, "config": Boom(), "model": {}, "ema": {}}, bad)
+    elif kind == "wrong-kind":
+        torch.save({"state_dict": {}}, bad)
+    assert pd.main(["sample", "--ckpt", str(bad), "--n", "2", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and err.count("\n") == 1 and "Traceback" not in err
+    assert not (tmp_path / "pwned").exists()
+
+
+# ------------------------------------------ bad inputs -----------------------------------------
+
+@pytest.mark.parametrize("argv, message", [
+    (["train", "--data", "imagenet-please"], "neither 'shapes', 'cifar10' nor an existing folder"),
+    (["train", "--data", "/no/such/folder/"], "neither 'shapes', 'cifar10' nor an existing folder"),
+    (["train", "--image-size", "30"], "cannot be halved"),
+    (["train", "--loss", "self-perceptual"], "needs --init"),
+    (["train", "--loss", "l1"], "--loss must be one of"),
+    (["train", "--channel-mult", "1,x"], "comma-separated integers"),
+    (["train", "--steps", "0"], "--steps must be positive"),
+])
+def test_bad_training_inputs_give_one_line_and_exit_code_2(argv, message, capsys, tmp_path):
+    assert pd.main(argv + ["--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+
+
+def test_empty_image_folder_is_a_usage_error(tmp_path, capsys):
+    (tmp_path / "imgs").mkdir()
+    assert pd.main(["train", "--data", str(tmp_path / "imgs"), "--out", str(tmp_path / "r")]) == 2
+    assert "cannot read images" in capsys.readouterr().err
+
+
+def test_image_folder_with_class_subfolders_gives_labels_and_size(tmp_path):
+    from PIL import Image
+    for c, colour in (("cats", (255, 0, 0)), ("dogs", (0, 0, 255))):
+        (tmp_path / c).mkdir()
+        for i in range(3):
+            Image.new("RGB", (40, 30), colour).save(tmp_path / c / f"{i}.png")
+    x, y, names, _ = pd.load_dataset(str(tmp_path), image_size=16)
+    assert x.shape == (6, 3, 16, 16) and x.dtype == torch.uint8 and names == ["cats", "dogs"]
+    assert y.tolist() == [0, 0, 0, 1, 1, 1] and x[0, 0].float().mean() > 250 and x[5, 2].float().mean() > 250
+
+
+def test_unknown_flag_is_one_line_and_exit_code_2(capsys):
+    with pytest.raises(SystemExit) as e:
+        pd.main(["train", "--no-such-flag"])
+    assert e.value.code == 2 and capsys.readouterr().err.count("\n") == 1
+
+
+def test_cifar10_without_network_is_one_clear_line(tmp_path, monkeypatch, capsys):
+    import torchvision.datasets.cifar as cifar
+
+    def no_network(*a, **k):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+    monkeypatch.setattr(cifar, "download_and_extract_archive", no_network)
+    assert pd.main(["train", "--data", "cifar10", "--data-dir", str(tmp_path), "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "CIFAR-10 is not in" in err and "could not be downloaded" in err and err.count("\n") == 1
+
+
+def test_label_outside_classes_and_guidance_on_unconditional_are_usage_errors(tmp_path, capsys):
+    tiny_train(tmp_path)
+    ckpt = str(tmp_path / "run" / "ckpt.pt")
+    assert pd.main(["sample", "--ckpt", ckpt, "--label", "10", "--out", str(tmp_path / "g.png")]) == 2
+    assert "--label 10 is outside 0..9" in capsys.readouterr().err
+    tiny_train(tmp_path, "uncond", unconditional=True)
+    assert pd.main(["sample", "--ckpt", str(tmp_path / "uncond" / "ckpt.pt"), "--cfg", "3"]) == 2
+    assert "unconditional" in capsys.readouterr().err
+
+
+def test_init_checkpoint_with_other_model_config_is_a_usage_error(tmp_path, capsys):
+    tiny_train(tmp_path)
+    argv = ["train", "--loss", "self-perceptual", "--init", str(tmp_path / "run" / "ckpt.pt"), "--out",
+            str(tmp_path / "sp"), *TINY_FLAGS]
+    argv[argv.index("--channels") + 1] = "16"
+    assert pd.main(argv) == 2
+    assert "has channels=8 but this run asks for channels=16" in capsys.readouterr().err
+
+
+def test_resume_refuses_to_change_the_model(tmp_path, capsys):
+    tiny_train(tmp_path)
+    assert pd.main(["train", "--resume", str(tmp_path / "run"), "--steps", "5", "--lr", "0.5"]) == 2
+    assert "cannot change lr" in capsys.readouterr().err
+
+
+# ------------------------------------------ command line ---------------------------------------
+
+def test_cli_train_then_sample_writes_checkpoint_grid_and_npz(tmp_path):
+    run = tmp_path / "run"
+    r = run_cli("train", *TINY_FLAGS, "--steps", "4", "--log-every", "2", "--sample-every", "4", "--out", str(run))
+    assert r.returncode == 0, r.stderr
+    assert "step 4/4 | loss" in r.stdout and "img/s" in r.stdout and "lr" in r.stdout
+    assert (run / "ckpt.pt").exists() and (run / "samples_0000004.png").exists()
+    r = run_cli("sample", "--ckpt", str(run / "ckpt.pt"), "--n", "12", "--steps", "3", "--cfg", "2",
+                "--cfg-rescale", "0.7", "--out", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "s.npz"))
+    assert r.returncode == 0, r.stderr
+    from PIL import Image
+    assert Image.open(tmp_path / "grid.png").size[0] > 16
+    npz = np.load(tmp_path / "s.npz")
+    assert npz["arr_0"].shape == (12, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
+    assert npz["labels"].tolist() == [i % 10 for i in range(12)]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
+    run = tmp_path / "run"
+    p = subprocess.Popen([sys.executable, os.path.join(HERE, "perceptual_diffusion.py"), "train", *TINY_FLAGS,
+                          "--steps", "100000", "--log-every", "1", "--ckpt-every", "100000", "--out", str(run)],
+                         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:                                          # wait until training is under way
+        if line.startswith("step 2/"):
+            break
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=60)
+    assert p.returncode == 0, err
+    assert "stopped by signal" in out and "--resume" in out
+    step = pd.load_checkpoint(str(run / "ckpt.pt"))["step"]
+    assert 2 <= step < 100000
+
+
+# ------------------------------------------ evaluation -----------------------------------------
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    f = torch.randn(500, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    assert abs(pd.frechet_distance(*pd.feature_stats(f), *pd.feature_stats(f))) < 1e-8
+
+
+def test_frechet_distance_between_known_gaussians_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    C1, mu1, mu2 = A @ A.T + 0.1 * torch.eye(8, dtype=torch.float64), torch.zeros(8), torch.ones(8)
+    # Commuting covariances C2 = k C1: d^2 = ||mu1 - mu2||^2 + (1 - sqrt(k))^2 tr(C1).
+    assert pd.frechet_distance(mu1, C1, mu2, 4 * C1) == pytest.approx(8 + tr(C1), rel=1e-9)
+    # A non-commuting pair, against tr sqrt(C1 C2) = sum sqrt(eig(C1 C2)) from numpy.
+    B = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    C2 = B @ B.T + 0.1 * torch.eye(8, dtype=torch.float64)
+    ref = 8 + tr(C1) + tr(C2) - 2 * np.sqrt(np.linalg.eigvals((C1 @ C2).numpy()).real).sum()
+    assert pd.frechet_distance(mu1, C1, mu2, C2) == pytest.approx(ref, rel=1e-9)
+
+
+def tr(c):
+    return c.trace().item()
+
+
+def test_inception_score_is_one_for_constant_and_k_for_uniform_confident_predictions():
+    assert pd.inception_score(torch.zeros(100, 10)) == pytest.approx(1.0)
+    confident = 50 * F.one_hot(torch.arange(1000) % 10, 10).float()
+    assert pd.inception_score(confident) == pytest.approx(10.0, rel=1e-3)
+
+
+def test_classifier_ruler_runs_offline_and_is_cached(tmp_path):
+    cache = str(tmp_path / "classifier.pt")
+    ruler = pd.Ruler("classifier", "shapes", "data", 16, 0, 200, torch.device("cpu"), cache=cache, classifier_steps=30,
+                     log=lambda s: None)
+    assert os.path.isfile(cache) and 0 <= ruler.protocol["classifier_accuracy_on_real"] <= 1
+    real, y, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    res = ruler.measure(pd.to_model_range(real[:200]), y[:200])
+    assert abs(res["fd"]) < 1e-6 and res["cond_acc"] == pytest.approx(ruler.protocol["classifier_accuracy_on_real"])
+    noise = ruler.measure(torch.rand(200, 3, 16, 16) * 2 - 1, y[:200])
+    assert noise["fd"] > 1.0
+    again = pd.Ruler("classifier", "shapes", "data", 16, 0, 200, torch.device("cpu"), cache=cache, classifier_steps=30,
+                     log=lambda s: pytest.fail("retrained instead of reusing the cache"))
+    assert again.real_mu.tolist() == ruler.real_mu.tolist()
+
+
+def test_inception_without_weights_is_one_clear_line_and_never_downloads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+
+    def no_download(url, *a, **k):
+        raise OSError(f"download of {url} refused by the test")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    with pytest.raises(pd.UsageError, match="Inception-v3 weights are not in the torch hub cache"):
+        pd.InceptionFeatures()
+    tiny_train(tmp_path)
+    assert pd.main(["evaluate", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--features", "inception",
+                    "--n", "4", "--real-n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "Inception-v3 weights" in err and err.count("\n") == 1
+
+
+def test_reproduce_smoke_preset_writes_table_json_and_picture_with_five_rows(tmp_path):
+    out = tmp_path / "rep"
+    res = pd.reproduce("smoke", str(out), device="cpu", log=lambda s: None)
+    assert [r["row"] for r in res["rows"]] == [1, 2, 3, 4, 5]
+    md = (out / "results.md").read_text()
+    assert all(f"| {i} |" in md for i in range(1, 6)) and "Protocol:" in md
+    data = json.loads((out / "results.json").read_text())
+    assert data["rows"][1]["train_steps"] == data["rows"][0]["train_steps"] + 1        # the fair control
+    assert data["rows"][2]["cfg_scale"] == data["guidance"][0] != 1
+    assert len(data["guidance_sweep"]) == 2
+    from PIL import Image
+    assert Image.open(out / "comparison.png").size[0] > 5 * 16
+
+
+def test_bench_reports_throughputs_and_ratios():
+    res = pd.bench(dict(image_size=8, channels=8, channel_mult="1,2", attn_res="4", batch_size=4, device="cpu"),
+                   iters=1, log=lambda s: None)
+    assert res["params"] > 0 and res["train_img_s_mse"] > 0 and res["sample_img_s_50_steps_guided"] > 0
+    assert res["self_perceptual_step_ratio"] > 0 and res["guided_step_ratio"] > 0
+
+
+# -------------------------------------------- DDP ---------------------------------------------
+
+def _ddp_worker(rank, world, port, out, cfg):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    _, stats = pd.train(cfg, log=lambda s: None)
+    flat = torch.cat([p.detach().flatten() for p in stats["model"].parameters()])
+    gathered = [torch.zeros_like(flat) for _ in range(world)]
+    torch.distributed.all_gather(gathered, flat)
+    if rank == 0:
+        torch.save(torch.stack(gathered), out)
+    torch.distributed.destroy_process_group()
+
+
+def test_ddp_two_cpu_ranks_end_with_identical_weights_and_one_checkpoint(tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = {**TINY_CFG, "out": str(tmp_path / "ddp"), "steps": 3, "ckpt_every": 100}
+    mp.spawn(_ddp_worker, args=(2, port, str(tmp_path / "params.pt"), cfg), nprocs=2, join=True)
+    params = torch.load(tmp_path / "params.pt")
+    assert torch.equal(params[0], params[1])
+    assert [f for f in os.listdir(tmp_path / "ddp") if ".pt" in f] == ["ckpt.pt"]
+    ckpt = pd.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
+    model = pd.model_from_checkpoint(ckpt, "model")
+    assert ckpt["step"] == 3 and torch.equal(params[0], torch.cat([p.flatten() for p in model.parameters()]))
