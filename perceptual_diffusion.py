@@ -542,7 +542,7 @@ TRAIN_ARGS = [
     ("dropout", _unet["dropout"].default, "dropout in the residual blocks"),
     # diffusion
     ("T", 1000, "training timesteps"),
-    ("betas", "linear", "beta schedule: linear, scaled_linear or cosine (always rescaled to zero terminal SNR)"),
+    ("betas", "scaled_linear", "beta schedule: scaled_linear (the paper's), linear or cosine; always rescaled to zero terminal SNR"),
     # objective and optimisation
     ("loss", "mse", "objective: mse (stage 1) or self-perceptual (stage 2, needs --init)"),
     ("init", "", "stage-1 checkpoint: the online model starts from its EMA weights, f* is a frozen copy of them"),
@@ -692,6 +692,7 @@ def train(cfg, log=print):
         step = ckpt["step"]
     images, labels, class_names, flip_ok = load_dataset(cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"])
     cfg["num_classes"] = 0 if cfg["unconditional"] else len(class_names)
+    torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
     model = UNet(**model_kwargs(cfg)).to(device)
     perceptual_net = None
     if ckpt is not None:
@@ -1004,12 +1005,15 @@ def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=
 # =================================================================================================
 
 PRESETS = {
-    # <= 20 minutes on 2 CPU cores (torch's default threads), shapes data, classifier ruler.
-    "cpu": dict(train=dict(data="shapes", batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995, log_every=50,
-                           sample_every=0, ckpt_every=200),
-                stage1_steps=700, stage2_steps=150, stage2_lr=5e-4, features="classifier", classifier_steps=400,
-                real_n=2000, eval_n=500, sweep_n=200, sweep_scales=[1.5, 3.0, 5.0], cfg_rescale=0.7,
-                eval_steps=25, picture_per_class=2),
+    # <= 20 minutes on 2 CPU cores (torch's default threads): shapes at 16 pixels, where a 1.1M-parameter UNet
+    # learns the classes in a few thousand steps (at 32 pixels, 1200 steps still gave blobs); bf16 autocast,
+    # 1.8x faster than fp32 on a CPU with bf16 kernels; the schedule of the paper's released models.
+    "cpu": dict(train=dict(data="shapes", image_size=16, attn_res="4", betas="scaled_linear", precision="bf16",
+                           batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995, log_every=250, sample_every=0,
+                           ckpt_every=500),
+                stage1_steps=4000, stage2_steps=500, stage2_lr=5e-4, features="classifier", classifier_steps=400,
+                real_n=2000, eval_n=1000, sweep_n=300, sweep_scales=[1.5, 3.0, 5.0], cfg_rescale=0.7,
+                eval_steps=25, picture_per_class=3),
     # The recipe for a real run on one GPU. Its cost has not been measured in this repository (see README).
     "cifar10": dict(train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
                                dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, log_every=500,

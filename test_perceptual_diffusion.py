@@ -273,18 +273,21 @@ def test_ddim_with_optimal_gaussian_denoiser_recovers_mean_and_std_as_steps_grow
         assert x.mean().item() == pytest.approx(mu, abs=0.005)     # the mean is exact at any step count
         errors[steps] = abs(x.std().item() - std)
     # Few-step DDIM shrinks the std even with a perfect denoiser; the deterministic sampler converges to the
-    # probability-flow ODE, whose marginals are exact, as steps grow. Measured: 5 -> ~0.05, 1000 -> < 0.003.
+    # probability-flow ODE, whose marginals are exact, as steps grow. Measured std: 5 steps 0.111, 50 steps
+    # 0.274, 1000 steps 0.299 (s = 0.3); the standard error of the std estimate here is about 0.0005.
     assert errors[5] > 0.02
     assert errors[1000] < 0.006
     assert errors[5] > errors[50] > errors[1000]
 
 
-def test_ancestral_sampler_eta_one_also_recovers_the_gaussian():
+def test_ancestral_sampler_eta_one_recovers_the_gaussian_at_full_step_count():
+    # With eta = 1 the variance is under-estimated at few steps (measured std: 50 steps 0.444, 200 steps 0.482,
+    # 1000 steps 0.4965 for s = 0.5); at all T steps it is the DDPM sampler and within 1%.
     s, mu, std = pd.Schedule(1000, "linear"), -0.2, 0.5
-    x = pd.sample(GaussianDenoiser(s, mu, std), s, (2000, 3, 4, 4), steps=200, eta=1.0,
+    x = pd.sample(GaussianDenoiser(s, mu, std), s, (2000, 3, 4, 4), steps=1000, eta=1.0,
                   generator=torch.Generator().manual_seed(1))
-    assert x.mean().item() == pytest.approx(mu, abs=0.01)
-    assert x.std().item() == pytest.approx(std, abs=0.01)
+    assert x.mean().item() == pytest.approx(mu, abs=0.005)
+    assert x.std().item() == pytest.approx(std, abs=0.006)
 
 
 def test_sampler_is_deterministic_given_noise_and_lands_on_x0_hat():
