@@ -510,13 +510,21 @@ def load_checkpoint(path):
     return ckpt
 
 
+def load_weights(module, state, what):
+    """load_state_dict, with a mismatch as one clear line."""
+    try:
+        module.load_state_dict(state)
+    except (RuntimeError, TypeError, ValueError, KeyError) as e:
+        raise UsageError(f"{what} does not match the model: {str(e).splitlines()[0][:200]}")
+
+
 def model_from_checkpoint(ckpt, weights="ema"):
     """The UNet described by the checkpoint's config, with its EMA (default) or raw weights."""
-    model = UNet(**model_kwargs(ckpt["config"]))
     try:
-        model.load_state_dict(ckpt[weights])
-    except RuntimeError as e:
-        raise UsageError(f"checkpoint weights do not match its config: {str(e).splitlines()[0]}")
+        model = UNet(**model_kwargs(ckpt["config"]))
+    except (KeyError, TypeError, ValueError) as e:
+        raise UsageError(f"the checkpoint's config is incomplete or malformed ({type(e).__name__}: {e})")
+    load_weights(model, ckpt[weights], f"the checkpoint's {weights} weights")
     return model
 
 
@@ -684,6 +692,8 @@ def train(cfg, log=print):
     ckpt, step = None, 0
     if cfg["resume"]:
         ckpt = load_checkpoint(os.path.join(cfg["resume"], "ckpt.pt"))
+        if not {"optimizer", "step"} <= ckpt.keys():
+            raise UsageError(f"{cfg['resume']}/ckpt.pt has no optimizer state or step: it cannot be resumed")
         changed = {k for k, v in cfg.items() if k not in RESUMABLE_KEYS and k != "out" and v != TRAIN_DEFAULTS[k]
                    and v != ckpt["config"].get(k)}
         if changed:
@@ -696,21 +706,20 @@ def train(cfg, log=print):
     model = UNet(**model_kwargs(cfg)).to(device)
     perceptual_net = None
     if ckpt is not None:
-        model.load_state_dict(ckpt["model"])
+        load_weights(model, ckpt["model"], "the resumed checkpoint")
     elif cfg["init"]:
         init = load_checkpoint(cfg["init"])
         check_same_arch(cfg, init, cfg["init"])
-        model.load_state_dict(init["ema"])
+        load_weights(model, init["ema"], f"--init {cfg['init']}")
     if cfg["loss"] == "self-perceptual":
         perceptual_net = frozen_copy(model)                       # f*: frozen copy of the stage-1 EMA weights
         if ckpt is not None:
-            perceptual_net.load_state_dict(ckpt["perceptual"])
+            load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
     ema = frozen_copy(model)
-    if ckpt is not None:
-        ema.load_state_dict(ckpt["ema"])
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if ckpt is not None:
-        opt.load_state_dict(ckpt["optimizer"])
+        load_weights(ema, ckpt["ema"], "the resumed EMA")
+        load_weights(opt, ckpt["optimizer"], "the resumed optimizer state")
     schedule = schedule_from(cfg)
     n_params = sum(p.numel() for p in model.parameters())
     net = model
@@ -867,8 +876,8 @@ def train_classifier(images, labels, num_classes, steps, device, seed=0, log=pri
         idx = torch.randint(0, len(images), (128,))
         x = to_model_range(images[idx]).to(device)
         x = torch.where(torch.rand(len(idx), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
-        dx, dy = np.random.randint(-2, 3, 2)
-        x = torch.roll(x, (int(dy), int(dx)), (2, 3))
+        dy, dx = torch.randint(-2, 3, (2,)).tolist()
+        x = torch.roll(x, (dy, dx), (2, 3))
         loss = F.cross_entropy(net(x)[1], labels[idx].to(device))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -923,8 +932,7 @@ class Ruler:
         self.features, self.device = features, device
         real, real_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
         split = "test" if data in ("shapes", "cifar10") else "train (a folder has no held-out split)"
-        if real_n > len(real):
-            raise UsageError(f"--real-n {real_n} is more than the {len(real)} real {split} images")
+        real_n = min(real_n, len(real))                            # a small folder has fewer images
         real, real_y = real[:real_n], real_y[:real_n]
         self.protocol = {"features": features, "real_images": real_n, "real_split": split, "data": data}
         if features == "classifier":
@@ -1011,8 +1019,8 @@ PRESETS = {
     "cpu": dict(train=dict(data="shapes", image_size=16, attn_res="4", betas="scaled_linear", precision="bf16",
                            batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995, log_every=250, sample_every=0,
                            ckpt_every=500),
-                stage1_steps=4000, stage2_steps=500, stage2_lr=5e-4, features="classifier", classifier_steps=400,
-                real_n=2000, eval_n=1000, sweep_n=300, sweep_scales=[1.5, 3.0, 5.0], cfg_rescale=0.7,
+                stage1_steps=4000, stage2_steps=1500, stage2_lr=5e-4, features="classifier", classifier_steps=400,
+                real_n=2000, eval_n=1000, sweep_n=300, sweep_scales=[1.25, 1.5, 2.0, 3.0, 5.0], cfg_rescale=0.7,
                 eval_steps=25, picture_per_class=3),
     # The recipe for a real run on one GPU. Its cost has not been measured in this repository (see README).
     "cifar10": dict(train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
@@ -1041,7 +1049,7 @@ ROWS = [  # (row, name, which trained model, guided?)
 def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision):
     """One labelled column per row, the same classes and the same initial noise in every column."""
     from PIL import Image, ImageDraw
-    scale, pad, head = 2, 8, 30
+    scale, pad, head = max(2, 64 // models["mse"].image_size), 8, 30
     columns = []
     for row, name, key, guided in rows:
         m = models[key]
@@ -1069,6 +1077,8 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     and comparison.png under `out`."""
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    if distributed()[1] > 1:
+        raise UsageError("reproduce runs in one process; under torchrun, run the `train` stages instead")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     base = {**p["train"], "seed": seed, "device": device or TRAIN_DEFAULTS["device"]}
     os.makedirs(out, exist_ok=True)
@@ -1316,6 +1326,8 @@ def main(argv=None):
             cfg = vars(args).copy()
             cfg.pop("command")
             train(cfg)
+            if dist.is_initialized():
+                dist.destroy_process_group()
         elif args.command == "sample":
             ckpt, model = load_for_sampling(args)
             x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale,
