@@ -580,6 +580,13 @@ def test_reproduce_smoke_preset_writes_table_json_and_picture_with_five_rows(tmp
     assert Image.open(out / "comparison.png").size[0] > 5 * 16
 
 
+def test_reproduce_rerun_with_the_same_seed_gives_the_same_table(tmp_path):
+    a = pd.reproduce("smoke", str(tmp_path / "a"), device="cpu", log=lambda s: None)
+    b = pd.reproduce("smoke", str(tmp_path / "b"), device="cpu", log=lambda s: None)
+    assert [(r["fd"], r["cond_acc"]) for r in a["rows"]] == [(r["fd"], r["cond_acc"]) for r in b["rows"]]
+    assert a["guidance_sweep"] == b["guidance_sweep"]
+
+
 def test_bench_reports_throughputs_and_ratios():
     res = pd.bench(dict(image_size=8, channels=8, channel_mult="1,2", attn_res="4", batch_size=4, device="cpu"),
                    iters=1, log=lambda s: None)
