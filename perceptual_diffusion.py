@@ -138,6 +138,7 @@ class Schedule:
 # =================================================================================================
 
 def norm(c):
+    """GroupNorm with up to 32 groups of at least 4 channels (DDPM uses 32 groups; small models have fewer channels)."""
     return nn.GroupNorm(min(32, c // 4), c)
 
 
@@ -184,6 +185,8 @@ class ResBlock(nn.Module):
 
 
 class Downsample(nn.Module):
+    """Halve the resolution with a stride-2 conv (takes the embedding only to share the blocks' signature)."""
+
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, stride=2, padding=1)
@@ -193,6 +196,8 @@ class Downsample(nn.Module):
 
 
 class Upsample(nn.Module):
+    """Double the resolution: nearest-neighbour, then a conv."""
+
     def __init__(self, c):
         super().__init__()
         self.conv = nn.Conv2d(c, c, 3, padding=1)
@@ -580,6 +585,7 @@ RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "ckpt_every", "device", 
 
 
 def int_list(s):
+    """'1,2,2' -> (1, 2, 2); '' -> ()."""
     return tuple(int(v) for v in str(s).split(",") if v.strip())
 
 
@@ -591,6 +597,7 @@ def model_kwargs(cfg):
 
 
 def schedule_from(cfg):
+    """The training config's schedule, always with zero terminal SNR."""
     return Schedule(cfg["T"], cfg["betas"], zero_terminal_snr=True)
 
 
@@ -654,6 +661,7 @@ class Batches:
         self.epoch, self.order = None, None
 
     def indices(self, step):
+        """This rank's image indices for training step `step`."""
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             self.sampler.set_epoch(epoch)
@@ -738,6 +746,7 @@ def train(cfg, log=print):
             f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
 
     def checkpoint():
+        """Rank 0 writes everything a resume needs, atomically."""
         if master:
             state = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": opt.state_dict()}
@@ -947,6 +956,7 @@ class Ruler:
             self.protocol["classifier_accuracy_on_real"] = round((logits.argmax(1) == real_y).float().mean().item(), 4)
 
     def _classifier(self, data, data_dir, image_size, data_seed, num_classes, steps, cache, log):
+        """The cached classifier when its key matches, else a newly trained one (then cached)."""
         key = {"data": data, "image_size": image_size, "data_seed": data_seed, "steps": steps}
         if cache and os.path.isfile(cache):
             try:
@@ -1240,6 +1250,7 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_train_args(p, names=None):
+    """One flag per row of TRAIN_ARGS (or the rows in `names`): --data-dir for data_dir, a switch for booleans."""
     for name, default, help in TRAIN_ARGS:
         if names is not None and name not in names:
             continue
@@ -1252,6 +1263,7 @@ def add_train_args(p, names=None):
 
 
 def add_sampling_args(p):
+    """The flags `sample` and `evaluate` share."""
     p.add_argument("--ckpt", required=True, help="checkpoint (RUN/ckpt.pt); its EMA weights are used")
     p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
     p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale w; 1 = no guidance (default: 1)")
@@ -1265,6 +1277,7 @@ def add_sampling_args(p):
 
 
 def build_parser():
+    """The command line: train, sample, evaluate, reproduce, bench."""
     parser = Parser(prog="perceptual_diffusion.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
@@ -1315,6 +1328,7 @@ def load_for_sampling(args):
 
 
 def main(argv=None):
+    """Run one command; a UsageError is one line on stderr and exit code 2."""
     argv = sys.argv[1:] if argv is None else argv
     sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
     parser = build_parser()
