@@ -1341,6 +1341,7 @@ def main(argv=None):
             cfg.pop("command")
             train(cfg)
             if dist.is_initialized():
+                dist.barrier()                                     # no rank tears down while another still talks
                 dist.destroy_process_group()
         elif args.command == "sample":
             ckpt, model = load_for_sampling(args)

@@ -606,6 +606,7 @@ def _ddp_worker(rank, world, port, out, cfg):
     torch.distributed.all_gather(gathered, flat)
     if rank == 0:
         torch.save(torch.stack(gathered), out)
+    torch.distributed.barrier()                                    # as main() does: nobody leaves early
     torch.distributed.destroy_process_group()
 
 
