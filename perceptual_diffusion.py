@@ -736,6 +736,10 @@ def train(cfg, log=print):
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     loss_fn = LOSSES[cfg["loss"]]
+    if perceptual_net is None:
+        objective = lambda x0, y: loss_fn(net, schedule, x0, y)
+    else:
+        objective = lambda x0, y: loss_fn(net, perceptual_net, schedule, x0, y)
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"])
     amp = autocast(device, cfg["precision"])
     if master:
@@ -781,15 +785,16 @@ def train(cfg, log=print):
             for group in opt.param_groups:
                 group["lr"] = lr
             with amp:
-                loss = loss_fn(net, perceptual_net, schedule, x0, y) if perceptual_net is not None else loss_fn(net, schedule, x0, y)
+                loss = objective(x0, y)
             loss.backward()
             flags = torch.tensor([loss.item(), float(stop["signal"] is not None)], device=device)
             if world > 1:
                 dist.all_reduce(flags)                               # every rank sees the same loss and stop flag
                 flags[0] /= world
             if not math.isfinite(flags[0].item()):
-                raise FloatingPointError(f"loss is {flags[0].item()} at step {step}; stopped without writing a "
-                                         f"checkpoint, the last good one is {os.path.join(out, 'ckpt.pt')}")
+                last = os.path.join(out, "ckpt.pt")
+                raise FloatingPointError(f"loss is {flags[0].item()} at step {step}; stopped without writing a checkpoint"
+                                         + (f"; the last good one is {last}" if os.path.exists(last) else ""))
             torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
