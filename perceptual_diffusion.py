@@ -325,6 +325,14 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
 LOSSES = {"mse": mse_loss, "self-perceptual": self_perceptual_loss}
 
 
+def objective(loss, model, perceptual_net, schedule):
+    """(x0, y) -> the named objective's loss; only self-perceptual takes the perceptual network."""
+    loss_fn = LOSSES[loss]
+    if loss == "self-perceptual":
+        return lambda x0, y: loss_fn(model, perceptual_net, schedule, x0, y)
+    return lambda x0, y: loss_fn(model, schedule, x0, y)
+
+
 # =================================================================================================
 #             5. DDIM sampling with classifier-free guidance and its rescale (Common Diffusion)
 # =================================================================================================
@@ -735,11 +743,7 @@ def train(cfg, log=print):
         net = torch.compile(net)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_fn = LOSSES[cfg["loss"]]
-    if perceptual_net is None:
-        objective = lambda x0, y: loss_fn(net, schedule, x0, y)
-    else:
-        objective = lambda x0, y: loss_fn(net, perceptual_net, schedule, x0, y)
+    loss_of = objective(cfg["loss"], net, perceptual_net, schedule)
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"])
     amp = autocast(device, cfg["precision"])
     if master:
@@ -785,7 +789,7 @@ def train(cfg, log=print):
             for group in opt.param_groups:
                 group["lr"] = lr
             with amp:
-                loss = objective(x0, y)
+                loss = loss_of(x0, y)
             loss.backward()
             flags = torch.tensor([loss.item(), float(stop["signal"] is not None)], device=device)
             if world > 1:
@@ -1211,9 +1215,11 @@ def bench(cfg, iters=5, log=print):
         return (time.time() - t0) / n
 
     def train_step(loss):
+        loss_of = objective(loss, net, perceptual_net, schedule)
+
         def step():
             with amp:
-                l = mse_loss(net, schedule, x0, y) if loss == "mse" else self_perceptual_loss(net, perceptual_net, schedule, x0, y)
+                l = loss_of(x0, y)
             l.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)

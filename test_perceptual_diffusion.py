@@ -1,12 +1,11 @@
 """Tests of perceptual_diffusion.py: each name states the property it checks. All on CPU, tiny models.
 Run: python -m pytest -q"""
-import io
+import inspect
 import json
 import os
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import pytest
@@ -114,8 +113,10 @@ def test_unet_returns_v_of_input_shape_and_null_label_changes_it():
 
 
 def test_unet_default_is_the_command_line_default_model():
-    cfg = {**pd.TRAIN_DEFAULTS, "num_classes": 10}
-    assert pd.model_kwargs(cfg) == {k: v for k, v in pd.model_kwargs(cfg).items()}
+    args = vars(pd.build_parser().parse_args(["train"]))
+    cfg = {**args, "num_classes": 10}                              # shapes has 10 classes
+    unet_defaults = {k: p.default for k, p in inspect.signature(pd.UNet).parameters.items() if k != "in_channels"}
+    assert pd.model_kwargs(cfg) == unet_defaults
     a, b = pd.UNet(), pd.UNet(**pd.model_kwargs(cfg))
     assert [p.shape for p in a.parameters()] == [p.shape for p in b.parameters()]
 
