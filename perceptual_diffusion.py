@@ -13,12 +13,15 @@ The file reads top to bottom beside the papers:
   4. the objectives: v-MSE and self-perceptual (Perceptual Loss paper, Alg. 1)
   5. DDIM sampling, trailing timesteps, classifier-free guidance with rescale (Common Diffusion, sec. 3.3-3.4)
   6. data, checkpoints and training (one plain function; DDP when launched by torchrun)
-  7. evaluation: Frechet distance, conditional accuracy, Inception Score
-  8. the paper's comparison in one command
+  7. evaluation: two rulers that share nothing, pixel statistics, 95% bootstrap intervals
+  8. the paper's comparison in one command: paired verdicts, unconditional rows, x0_hat, ablations
   9. command line
 
 Run (the built-in `shapes` data needs no network):
-  python perceptual_diffusion.py                                   # = reproduce --preset cpu (<= 20 min, 2 CPU cores)
+  python perceptual_diffusion.py                                   # = reproduce --preset cpu (13 min, 2 CPU cores)
+  python perceptual_diffusion.py reproduce --ablations             # + the paper's ablations (reuses finished stages)
+  python perceptual_diffusion.py reproduce --preset cpu-long       # a stage 1 trained 5x longer (<= 60 min)
+  python perceptual_diffusion.py reproduce --estimate              # what a run costs on this machine, before running it
   python perceptual_diffusion.py train --loss mse --out runs/mse   # stage 1
   python perceptual_diffusion.py train --loss self-perceptual --init runs/mse/ckpt.pt --out runs/sp   # stage 2
   python perceptual_diffusion.py sample --ckpt runs/sp/ckpt.pt --n 64 --out grid.png
@@ -138,8 +141,12 @@ class Schedule:
 # =================================================================================================
 
 def norm(c):
-    """GroupNorm with up to 32 groups of at least 4 channels (DDPM uses 32 groups; small models have fewer channels)."""
-    return nn.GroupNorm(min(32, c // 4), c)
+    """GroupNorm with up to 32 groups of at least 4 channels (DDPM uses 32 groups; small models have fewer
+    channels), the group count a divisor of c."""
+    g = max(1, min(32, c // 4))
+    while c % g:
+        g -= 1
+    return nn.GroupNorm(g, c)
 
 
 def timestep_embedding(t, dim, max_period=10000):
@@ -251,27 +258,32 @@ class UNet(nn.Module):
         nn.init.zeros_(self.out[-1].bias)
 
     def _down_mid(self, x, t, y):
+        """The down path and the mid block: (skips, mid-block outputs, embedding)."""
         emb = self.time_mlp(timestep_embedding(t, self.channels))  # (N, 4C)
         if self.label_emb is not None:
             y = torch.full_like(t, self.num_classes) if y is None else y
             emb = emb + self.label_emb(y)
         h = self.conv_in(x)                                        # (N, C, H, W)
-        skips = [h]
+        skips, mids = [h], []
         for block in self.down:
             h = block(h, emb)
             skips.append(h)
         for block in self.mid:
             h = block(h, emb)                                      # (N, C_mid, H/2^(L-1), W/2^(L-1))
-        return h, skips, emb
+            mids.append(h)
+        return skips, mids, emb
 
-    def features(self, x, t, y):
-        """f*_mid: the mid-block output. Runs only the down path and the mid block (the up path would be
-        wasted work for the perceptual network)."""
-        return self._down_mid(x, t, y)[0]
+    def features(self, x, t, y, layers="mid"):
+        """f*'s features, a list of tensors. "mid" (the paper's): the mid-block output alone. "all" (an ablation):
+        the output of every block of the down path and the mid block. Only those run: the up path would be
+        wasted work for the perceptual network, and its last layer is v itself (see self_perceptual_loss)."""
+        skips, mids, _ = self._down_mid(x, t, y)
+        return mids[-1:] if layers == "mid" else skips[1:] + mids
 
     def forward(self, x, t, y=None):
         """v_hat(x_t, t, y).  # (N, 3, H, W), (N,), (N,) -> (N, 3, H, W)"""
-        h, skips, emb = self._down_mid(x, t, y)
+        skips, mids, emb = self._down_mid(x, t, y)
+        h = mids[-1]
         for block in self.up:
             h = block(h, emb) if isinstance(block, Upsample) else block(torch.cat([h, skips.pop()], 1), emb)
         return self.out(h)
@@ -302,34 +314,46 @@ def mse_loss(model, schedule, x0, y, t=None, eps=None):
     return F.mse_loss(v_hat.float(), schedule.v_target(x0, eps, t))
 
 
-def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime=None, eps=None):
+def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime=None, eps=None,
+                         features="mid", t_prime_mode="independent", distance="mse"):
     """L_sp, Algorithm 1 of the paper:
       x_t = alpha_t x0 + sigma_t eps;  v_hat = f_theta(x_t, t, y);  x0_hat, eps_hat from v_hat
-      t' ~ U{0..T-1}, independent of t (t' = t is degenerate: both branches coincide for an exact prediction)
+      t' ~ U{0..T-1}, independent of t
       real:      x_t'     = alpha_t' x0     + sigma_t' eps
       predicted: x_hat_t' = alpha_t' x0_hat + sigma_t' eps_hat      (the *predicted* noise, not the true one)
       L_sp = || f*_mid(x_hat_t', t', y) - f*_mid(x_t', t', y) ||^2      (no v-MSE term is added)
     perceptual_net is a frozen copy of the stage-1 model (see frozen_copy). Its parameters get no gradient,
     but the gradient must flow *through* it into x_hat_t' and so into f_theta: only the real branch may run
-    under no_grad. (Wrapping both branches in no_grad trains nothing.)"""
+    under no_grad. (Wrapping both branches in no_grad trains nothing.)
+    The paper's ablations, each keyword's default being the paper's choice: features="all" compares every
+    block's output, each layer's term divided by the real features' own size so that no layer dominates by
+    scale; t_prime_mode="same" sets t' = t, which is degenerate: x0_hat and eps_hat decompose x_t exactly, so
+    x_hat_t = x_t for ANY prediction and the loss is 0 up to rounding; distance="mae" is the mean absolute
+    difference. (The fourth ablation, an EMA perceptual network, is which network train() passes.)"""
     t, eps = draw_t_eps(schedule, x0, t, eps)
     x_t = schedule.q_sample(x0, t, eps)
     x0_hat, eps_hat = schedule.pred_to_x0_eps(x_t, model(x_t, t, y).float(), t)
-    t_prime = torch.randint(0, schedule.T, t.shape, device=x0.device) if t_prime is None else t_prime
+    if t_prime is None:
+        t_prime = t if t_prime_mode == "same" else torch.randint(0, schedule.T, t.shape, device=x0.device)
     with torch.no_grad():
-        feat_real = perceptual_net.features(schedule.q_sample(x0, t_prime, eps), t_prime, y)
-    feat_pred = perceptual_net.features(schedule.q_sample(x0_hat, t_prime, eps_hat), t_prime, y)
-    return F.mse_loss(feat_pred.float(), feat_real.float())
+        real = perceptual_net.features(schedule.q_sample(x0, t_prime, eps), t_prime, y, features)
+    pred = perceptual_net.features(schedule.q_sample(x0_hat, t_prime, eps_hat), t_prime, y, features)
+    dist = {"mse": F.mse_loss, "mae": F.l1_loss}[distance]
+    terms = [dist(p.float(), r.float()) for p, r in zip(pred, real)]
+    if features == "all":
+        terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12) for d, r in zip(terms, real)]
+    return sum(terms) / len(terms)
 
 
 LOSSES = {"mse": mse_loss, "self-perceptual": self_perceptual_loss}
 
 
-def objective(loss, model, perceptual_net, schedule):
-    """(x0, y) -> the named objective's loss; only self-perceptual takes the perceptual network."""
+def objective(loss, model, perceptual_net, schedule, **ablation):
+    """(x0, y) -> the named objective's loss; only self-perceptual takes the perceptual network (and the
+    keyword arguments of its ablations)."""
     loss_fn = LOSSES[loss]
     if loss == "self-perceptual":
-        return lambda x0, y: loss_fn(model, perceptual_net, schedule, x0, y)
+        return lambda x0, y: loss_fn(model, perceptual_net, schedule, x0, y, **ablation)
     return lambda x0, y: loss_fn(model, schedule, x0, y)
 
 
@@ -337,14 +361,31 @@ def objective(loss, model, perceptual_net, schedule):
 #             5. DDIM sampling with classifier-free guidance and its rescale (Common Diffusion)
 # =================================================================================================
 
-def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale):
-    """v for one sampling step. Classifier-free guidance: v_cfg = v_uncond + w (v_cond - v_uncond), both
-    halves in ONE batched forward of 2N. Rescale (Common Diffusion, sec. 3.4): v_resc = v_cfg * std(v_cond) /
-    std(v_cfg) per sample, then phi v_resc + (1 - phi) v_cfg. w = 1 costs a single forward of N."""
-    if cfg_scale == 1.0:
+def max_forward_batch(device):
+    """The largest batch one forward pass should take on `device`. A CPU runs a batch of 128 slower per image than
+    two of 64 (measured, README: Speed), so guidance's 2N images run in chunks of 64 there; a GPU takes any batch.
+    Every sampling path goes through this one number."""
+    return 64 if torch.device(device).type == "cpu" else None
+
+
+def forward_chunked(model_fn, x, t, y, max_batch):
+    """model_fn(x, t, y) in chunks of at most max_batch images (in one call when None)."""
+    if max_batch is None or len(x) <= max_batch:
         return model_fn(x, t, y).float()
+    ys = [None] * len(x) if y is None else y.split(max_batch)
+    return torch.cat([model_fn(xc, tc, yc).float() for xc, tc, yc in zip(x.split(max_batch), t.split(max_batch), ys)])
+
+
+def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, max_batch=None):
+    """v for one sampling step. Classifier-free guidance: v_cfg = v_uncond + w (v_cond - v_uncond), both
+    halves in one batched forward of 2N (chunked to max_batch). Rescale (Common Diffusion, sec. 3.4):
+    v_resc = v_cfg * std(v_cond) / std(v_cfg) per sample, then phi v_resc + (1 - phi) v_cfg. w = 1 costs a
+    single forward of N."""
+    if cfg_scale == 1.0:
+        return forward_chunked(model_fn, x, t, y, max_batch)
     null = torch.full_like(y, model_fn.num_classes)
-    v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
+    v_cond, v_uncond = forward_chunked(model_fn, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+                                       max_batch).chunk(2)
     v_cfg = v_uncond + cfg_scale * (v_cond - v_uncond)
     if cfg_rescale > 0:
         dims = list(range(1, x.dim()))
@@ -353,25 +394,37 @@ def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale):
     return v_cfg
 
 
+def edm_sigma(alpha_bar_t):
+    """The noise level of Karras et al. (EDM), sigma_t / alpha_t = sqrt((1 - alpha_bar_t) / alpha_bar_t): the
+    variable in which guidance intervals are defined. Under zero terminal SNR it is infinite at t = T-1."""
+    return math.inf if alpha_bar_t == 0 else ((1 - alpha_bar_t) / alpha_bar_t) ** 0.5
+
+
 @torch.no_grad()
 def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
-           spacing="trailing", generator=None, noise=None):
+           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), max_batch=None):
     """DDIM (Song et al. 2021) with v-prediction. model_fn(x, t, y) -> v is any callable with a `num_classes`
     attribute. x_T = `noise` (drawn from `generator` on the CPU when None, so results do not depend on the
     device). eta = 0 is deterministic DDIM, eta = 1 the DDPM-like ancestral sampler. The step after the last
-    timestep goes to "t = -1" where alpha_bar = 1, so the sampler lands on x0_hat."""
+    timestep goes to "t = -1" where alpha_bar = 1, so the sampler lands on x0_hat.
+    Guidance applies only at steps whose noise level edm_sigma(t) lies in cfg_interval = (lo, hi] (Kynkaenniemi
+    et al. 2024, "Applying guidance in a limited interval"); elsewhere a step costs one forward of N. The
+    default (0, inf] guides every step, the first one (t = T-1, sigma = inf) included."""
     if y is None and cfg_scale != 1.0:
         raise ValueError("classifier-free guidance needs labels y")
     params = getattr(model_fn, "parameters", None)
     device = y.device if y is not None else next(params()).device if params else torch.device("cpu")
+    max_batch = max_forward_batch(device) if max_batch is None else max_batch
     x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)  # x_T: (N, C, H, W)
     ts = schedule.timesteps(steps, spacing).tolist()
     alpha_bar = schedule.alpha_bar.tolist()
+    lo, hi = cfg_interval
     for i, t in enumerate(ts):
         ab_t = alpha_bar[t]
         ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else 1.0
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
-        v = guided_v(model_fn, x, t_batch, y, cfg_scale, cfg_rescale)
+        w = cfg_scale if lo < edm_sigma(ab_t) <= hi else 1.0
+        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, max_batch)
         x0_hat, eps_hat = schedule.pred_to_x0_eps(x, v, t_batch)
         # DDIM eq. 12: sigma_eta^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev).
         var = eta ** 2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev) if eta > 0 else 0.0
@@ -492,7 +545,7 @@ def to_uint8(x):
 
 
 # =================================================================================================
-#                              6b. Checkpoints: atomic writes, safe loads
+#            6b. Checkpoints and outputs: atomic writes, safe loads, paths checked before work
 # =================================================================================================
 
 CKPT_KIND = "perceptual-diffusion"
@@ -541,55 +594,145 @@ def model_from_checkpoint(ckpt, weights="ema"):
     return model
 
 
+def writable_dir(path, flag):
+    """Create folder `path` if needed and check that it can be written, before any work: UsageError otherwise."""
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as e:                                           # a file in the way, no permission, ...
+        raise UsageError(f"{flag} {path!r}: cannot create this folder ({e.strerror or e})")
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: this folder is not writable")
+    return path
+
+
+def image_extensions():
+    """The file extensions PIL can write, such as .png and .jpg."""
+    from PIL import Image
+    Image.init()
+    return sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
+
+
+def writable_file(path, flag, extensions):
+    """Check, before any work, that `path` can be written: a known extension, an existing writable folder, not
+    itself a folder. UsageError otherwise."""
+    folder = os.path.dirname(path) or "."
+    if os.path.splitext(path)[1].lower() not in extensions:
+        shown = ", ".join(extensions) if len(extensions) < 6 else ", ".join(e for e in extensions if e in (".png", ".jpg", ".bmp")) + ", ..."
+        raise UsageError(f"{flag} {path!r}: the file name must end in {shown}")
+    if os.path.isdir(path):
+        raise UsageError(f"{flag} {path!r} is a folder; give a file name")
+    if not os.path.isdir(folder):
+        raise UsageError(f"{flag} {path!r}: {folder!r} " + ("is a file, not a folder" if os.path.exists(folder) else
+                                                             "does not exist"))
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise UsageError(f"{flag} {path!r}: the folder {folder!r} is not writable")
+    return path
+
+
 # =================================================================================================
 #                     6c. Training: one plain function; DDP when launched by torchrun
 # =================================================================================================
 
-# Every hyperparameter of `train`, with its default and one line of help. The command line is built from
-# this table, and a checkpoint stores the whole config. Model defaults come from UNet's signature.
+# Valid ranges, declared once beside each flag: each is an argparse `type` (a bad value is one line naming the
+# flag, the value and the range; exit code 2) and train() checks a config given in Python with the same function.
+def ranged(kind, ok, what):
+    """A parser of `kind` (int or float) whose values must satisfy ok(v); `what` names the range in messages."""
+    def parse(text):
+        try:
+            v = kind(text)
+        except (TypeError, ValueError):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        if isinstance(v, float) and not math.isfinite(v) or not ok(v):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return v
+    parse.what, parse.kind = what, kind
+    return parse
+
+
+POS_INT = ranged(int, lambda v: v > 0, "a positive integer")
+NONNEG_INT = ranged(int, lambda v: v >= 0, "a non-negative integer")
+ANY_INT = ranged(int, lambda v: True, "an integer")
+POS_FLOAT = ranged(float, lambda v: v > 0, "a positive number")
+NONNEG_FLOAT = ranged(float, lambda v: v >= 0, "a non-negative number")
+PROB = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
+UNIT = ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+
+
+def DEVICE(text):
+    """A torch device this machine has: cpu, cuda, cuda:1, ..."""
+    try:
+        dev = torch.device(text)
+    except (RuntimeError, ValueError):
+        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, got {text!r}")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"CUDA is not available on this machine, got {text!r}")
+    if dev.type not in ("cpu", "cuda"):
+        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text!r}")
+    return text
+
+
+def INT_LIST(text):
+    """'1,2,2' (or '' for none): positive integers, comma-separated; returned as the text."""
+    try:
+        ok = all(v > 0 for v in int_list(text))
+    except ValueError:
+        ok = False
+    if not ok:
+        raise argparse.ArgumentTypeError(f"must be positive integers separated by commas, such as 1,2,2, got {text!r}")
+    return text
+
+# Every hyperparameter of `train`: name, default, valid values (a parser above, a tuple of choices, or None for
+# free text and switches), one line of help. The command line is built from this table, and a checkpoint stores
+# the whole config. Model defaults come from UNet's signature.
 _unet = inspect.signature(UNet).parameters
 TRAIN_ARGS = [
     # data
-    ("data", "shapes", "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class subfolders"),
-    ("data_dir", "data", "where cifar10 is downloaded to / read from"),
-    ("image_size", _unet["image_size"].default, "image side in pixels"),
-    ("no_flip", False, "no random horizontal flips (for data that must not be mirrored, such as digits)"),
-    ("unconditional", False, "ignore the labels: an unconditional model (guidance is then impossible)"),
+    ("data", "shapes", None, "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class subfolders"),
+    ("data_dir", "data", None, "where cifar10 is downloaded to / read from"),
+    ("image_size", _unet["image_size"].default, POS_INT, "image side in pixels"),
+    ("no_flip", False, None, "no random horizontal flips (for data that must not be mirrored, such as digits)"),
+    ("unconditional", False, None, "ignore the labels: an unconditional model (guidance is then impossible)"),
     # model
-    ("channels", _unet["channels"].default, "UNet base channels"),
-    ("channel_mult", ",".join(map(str, _unet["channel_mult"].default)), "channel multiplier per resolution level, comma-separated"),
-    ("num_res_blocks", _unet["num_res_blocks"].default, "residual blocks per level"),
-    ("attn_res", ",".join(map(str, _unet["attn_resolutions"].default)), "resolutions (pixels) with self-attention, comma-separated"),
-    ("dropout", _unet["dropout"].default, "dropout in the residual blocks"),
+    ("channels", _unet["channels"].default, POS_INT, "UNet base channels"),
+    ("channel_mult", ",".join(map(str, _unet["channel_mult"].default)), INT_LIST, "channel multiplier per resolution level, comma-separated"),
+    ("num_res_blocks", _unet["num_res_blocks"].default, POS_INT, "residual blocks per level"),
+    ("attn_res", ",".join(map(str, _unet["attn_resolutions"].default)), INT_LIST, "resolutions (pixels) with self-attention, comma-separated"),
+    ("dropout", _unet["dropout"].default, PROB, "dropout in the residual blocks"),
     # diffusion
-    ("T", 1000, "training timesteps"),
-    ("betas", "scaled_linear", "beta schedule: scaled_linear (the paper's), linear or cosine; always rescaled to zero terminal SNR"),
+    ("T", 1000, POS_INT, "training timesteps"),
+    ("betas", "scaled_linear", ("scaled_linear", "linear", "cosine"), "beta schedule (scaled_linear is the paper's); always rescaled to zero terminal SNR"),
     # objective and optimisation
-    ("loss", "mse", "objective: mse (stage 1) or self-perceptual (stage 2, needs --init)"),
-    ("init", "", "stage-1 checkpoint: the online model starts from its EMA weights, f* is a frozen copy of them"),
-    ("resume", "", "a run folder to continue from its ckpt.pt (model, EMA, optimizer, step, data order)"),
-    ("steps", 1000, "total training steps"),
-    ("batch_size", 64, "global batch size (split over DDP ranks)"),
-    ("lr", 1e-3, "AdamW learning rate after warm-up (constant after it, as in DiT)"),
-    ("warmup", 100, "linear learning-rate warm-up steps"),
-    ("weight_decay", 0.0, "AdamW weight decay"),
-    ("grad_clip", 1.0, "clip the global gradient norm to this"),
-    ("ema_decay", 0.999, "EMA decay of the weights (short runs need lower; warmed up as min(decay, (1+s)/(10+s)))"),
-    ("label_dropout", 0.1, "probability of replacing the label by the null label (enables classifier-free guidance)"),
+    ("loss", "mse", tuple(LOSSES), "objective: mse (stage 1) or self-perceptual (stage 2, needs --init)"),
+    ("init", "", None, "stage-1 checkpoint: the online model starts from its EMA weights, f* is a frozen copy of them"),
+    ("resume", "", None, "a run folder to continue from its ckpt.pt (model, EMA, optimizer, step, data order)"),
+    # the paper's ablations of the self-perceptual objective; each default is the paper's choice
+    ("sp_features", "mid", ("mid", "all"), "f* features compared: mid (the mid block) or all (every down and mid block, each normalised)"),
+    ("sp_t_prime", "independent", ("independent", "same"), "t' drawn independently of t, or t' = t (degenerate)"),
+    ("sp_distance", "mse", ("mse", "mae"), "distance between the feature maps"),
+    ("perceptual_net", "frozen", ("frozen", "ema"), "f*: a frozen copy of stage 1, or the online model's EMA"),
+    ("steps", 1000, POS_INT, "total training steps"),
+    ("batch_size", 64, POS_INT, "global batch size (split over DDP ranks)"),
+    ("lr", 1e-3, POS_FLOAT, "AdamW learning rate after warm-up (constant after it, as in DiT)"),
+    ("warmup", 100, NONNEG_INT, "linear learning-rate warm-up steps"),
+    ("weight_decay", 0.0, NONNEG_FLOAT, "AdamW weight decay"),
+    ("grad_clip", 1.0, POS_FLOAT, "clip the global gradient norm to this"),
+    ("ema_decay", 0.999, PROB, "EMA decay of the weights (short runs need lower; warmed up as min(decay, (1+s)/(10+s)))"),
+    ("label_dropout", 0.1, PROB, "probability of replacing the label by the null label (enables classifier-free guidance)"),
     # bookkeeping
-    ("out", "runs/run", "run folder: ckpt.pt, sample grids, config.json"),
-    ("seed", 0, "random seed (data order, noise, timesteps); the data set itself uses --data-seed"),
-    ("data_seed", 0, "seed of the built-in shapes data set"),
-    ("device", "cuda" if torch.cuda.is_available() else "cpu", "device (default: cuda when available, else cpu)"),
-    ("precision", "auto", "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, fp32 elsewhere"),
-    ("compile", False, "wrap the model in torch.compile"),
-    ("log_every", 50, "print a log line every N steps"),
-    ("sample_every", 500, "write a sample grid every N steps (0: never)"),
-    ("ckpt_every", 500, "write the checkpoint every N steps (and always at the end)"),
+    ("out", "runs/run", None, "run folder: ckpt.pt, sample grids, config.json"),
+    ("seed", 0, ANY_INT, "random seed (data order, noise, timesteps); the data set itself uses --data-seed"),
+    ("data_seed", 0, ANY_INT, "seed of the built-in shapes data set"),
+    ("device", "cuda" if torch.cuda.is_available() else "cpu", DEVICE, "device (default: cuda when available, else cpu)"),
+    ("precision", "auto", ("auto", "bf16", "fp32"), "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, fp32 elsewhere"),
+    ("compile", False, None, "wrap the model in torch.compile"),
+    ("log_every", 50, POS_INT, "print a log line every N steps"),
+    ("sample_every", 500, NONNEG_INT, "write a sample grid every N steps (0: never)"),
+    ("ckpt_every", 500, POS_INT, "write the checkpoint every N steps (and always at the end)"),
 ]
-TRAIN_DEFAULTS = {name: default for name, default, _ in TRAIN_ARGS}
+TRAIN_DEFAULTS = {name: default for name, default, _, _ in TRAIN_ARGS}
 ARCH_KEYS = ["image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "num_classes"]
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "ckpt_every", "device", "precision", "compile", "resume"}
+SP_ABLATION_KEYS = {"sp_features": "features", "sp_t_prime": "t_prime_mode", "sp_distance": "distance"}
 
 
 def int_list(s):
@@ -624,27 +767,26 @@ def distributed():
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
+def check_value(flag, check, value):
+    """One value against its declared range (a tuple of choices, a parser from ranged(), or None): UsageError if not."""
+    if isinstance(check, tuple) and value not in check:
+        raise UsageError(f"argument {flag}: must be one of {', '.join(check)}, got {value!r}")
+    if callable(check):
+        try:
+            check(value)
+        except argparse.ArgumentTypeError as e:
+            raise UsageError(f"argument {flag}: {e}")
+
+
 def check_config(cfg):
-    """Every bad value a person can type: one line, exit code 2 (via UsageError)."""
-    if cfg["loss"] not in LOSSES:
-        raise UsageError(f"--loss must be one of {', '.join(LOSSES)}, got {cfg['loss']!r}")
+    """Every value against the range TRAIN_ARGS declares for it, then the rules that tie flags together: a bad
+    value is one line and exit code 2 (via UsageError), before any work."""
+    for name, _, check, _ in TRAIN_ARGS:
+        check_value("--" + name.replace("_", "-"), check, cfg[name])
     if cfg["loss"] == "self-perceptual" and not cfg["init"] and not cfg["resume"]:
         raise UsageError("--loss self-perceptual needs --init STAGE1_RUN/ckpt.pt (a model trained with --loss mse)")
-    if cfg["betas"] not in ("linear", "scaled_linear", "cosine"):
-        raise UsageError(f"--betas must be linear, scaled_linear or cosine, got {cfg['betas']!r}")
-    if cfg["precision"] not in ("auto", "bf16", "fp32"):
-        raise UsageError(f"--precision must be auto, bf16 or fp32, got {cfg['precision']!r}")
-    for key in ("steps", "batch_size", "image_size", "channels", "num_res_blocks", "T", "log_every", "ckpt_every"):
-        if cfg[key] <= 0:
-            raise UsageError(f"--{key.replace('_', '-')} must be positive, got {cfg[key]}")
-    if not 0 <= cfg["ema_decay"] < 1 or not 0 <= cfg["label_dropout"] < 1:
-        raise UsageError("--ema-decay and --label-dropout must be in [0, 1)")
-    try:
-        int_list(cfg["channel_mult"]), int_list(cfg["attn_res"])
-    except ValueError:
-        raise UsageError("--channel-mult and --attn-res take comma-separated integers, such as 1,2,2")
-    if cfg["device"].startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {cfg['device']}: CUDA is not available on this machine")
+    if not int_list(cfg["channel_mult"]):
+        raise UsageError("--channel-mult needs at least one level, such as 1,2,2")
 
 
 def check_same_arch(cfg, ckpt, path):
@@ -683,6 +825,23 @@ def save_grid(x, path, nrow):
     save_image((x.float().cpu() + 1) / 2, path, nrow=nrow, padding=1)
 
 
+def save_samples(x, y, out, npz, nrow):
+    """The grid `out` and/or the .npz `npz` (uint8 NHWC arr_0 and labels, as FID tools read). A write that fails
+    after sampling (disk full, folder removed) keeps the samples as an .npz in the temporary folder and says where."""
+    arrays = dict(arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy(),
+                  labels=y.numpy() if y is not None else np.zeros(len(x), np.int64))
+    try:
+        if out:
+            save_grid(x, out, nrow)
+        if npz:
+            np.savez(npz, **arrays)
+    except OSError as e:
+        import tempfile
+        keep = os.path.join(tempfile.gettempdir(), f"perceptual_diffusion_samples_{os.getpid()}.npz")
+        np.savez(keep, **arrays)
+        raise OSError(f"could not write {e.filename or out or npz} ({e.strerror or e}); the samples are kept in {keep}")
+
+
 def train(cfg, log=print):
     """Train with cfg["loss"] (see TRAIN_ARGS) and return (ema_model, stats). Launched by torchrun, it runs
     data-parallel: every rank computes its share of the global batch, DDP averages the gradients, so every
@@ -714,8 +873,11 @@ def train(cfg, log=print):
                    and v != ckpt["config"].get(k)}
         if changed:
             raise UsageError(f"--resume continues the run as it was configured; cannot change {', '.join(sorted(changed))}")
-        cfg = {**ckpt["config"], **{k: cfg[k] for k in RESUMABLE_KEYS}, "out": out}
+        cfg = {**TRAIN_DEFAULTS, **ckpt["config"], **{k: cfg[k] for k in RESUMABLE_KEYS}, "out": out}  # older runs lack newer keys
         step = ckpt["step"]
+    if master:
+        writable_dir(out, "--resume" if cfg["resume"] else "--out")   # before any data is loaded or step taken
+    init = load_checkpoint(cfg["init"]) if cfg["init"] and ckpt is None else None   # a bad path fails before the data loads
     images, labels, class_names, flip_ok = load_dataset(cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"])
     cfg["num_classes"] = 0 if cfg["unconditional"] else len(class_names)
     torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
@@ -724,14 +886,16 @@ def train(cfg, log=print):
     if ckpt is not None:
         load_weights(model, ckpt["model"], "the resumed checkpoint")
     elif cfg["init"]:
-        init = load_checkpoint(cfg["init"])
         check_same_arch(cfg, init, cfg["init"])
         load_weights(model, init["ema"], f"--init {cfg['init']}")
-    if cfg["loss"] == "self-perceptual":
+    ema = frozen_copy(model)
+    seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
+    if cfg["loss"] == "self-perceptual" and cfg["perceptual_net"] == "frozen":
         perceptual_net = frozen_copy(model)                       # f*: frozen copy of the stage-1 EMA weights
         if ckpt is not None:
             load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
-    ema = frozen_copy(model)
+    elif cfg["loss"] == "self-perceptual":
+        perceptual_net = ema                                      # the ablation: f* follows the online model's EMA
     opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
     if ckpt is not None:
         load_weights(ema, ckpt["ema"], "the resumed EMA")
@@ -743,13 +907,14 @@ def train(cfg, log=print):
         net = torch.compile(net)
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_of = objective(cfg["loss"], net, perceptual_net, schedule)
+    loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **{v: cfg[k] for k, v in SP_ABLATION_KEYS.items()})
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"])
     amp = autocast(device, cfg["precision"])
     if master:
-        os.makedirs(out, exist_ok=True)
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
+        if cfg["resume"]:
+            log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
         log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images, {cfg['num_classes']} classes), "
             f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
 
@@ -757,7 +922,7 @@ def train(cfg, log=print):
         """Rank 0 writes everything a resume needs, atomically."""
         if master:
             state = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict()}
+                     "optimizer": opt.state_dict(), "train_seconds": seconds_before + time.time() - t0}
             if perceptual_net is not None:
                 state["perceptual"] = perceptual_net.state_dict()
             save_checkpoint(os.path.join(out, "ckpt.pt"), state)
@@ -832,29 +997,46 @@ def train(cfg, log=print):
             signal.signal(s, h)
     if stop["signal"] is not None and master:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written, continue with --resume {out}")
-    return ema, {"steps": step, "train_seconds": time.time() - t0, "params": n_params, "config": cfg, "model": model}
+    return ema, {"steps": step, "train_seconds": seconds_before + time.time() - t0, "params": n_params, "config": cfg,
+                 "model": model}
 
 
 # =================================================================================================
-#           7. Evaluation: Frechet distance, conditional accuracy, Inception Score
+#     7. Evaluation: two rulers, pixel statistics, bootstrap intervals (Frechet distance, accuracy, FID)
 # =================================================================================================
+
+def sqrtm_psd(c):
+    """The square root of a symmetric positive semi-definite matrix, from its eigendecomposition."""
+    w, V = torch.linalg.eigh(c)
+    return V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
+
+
+def frechet_distances(mu, cov, mu_r, cov_r, cov_r_half=None):
+    """d^2 = ||mu - mu_r||^2 + tr(C) + tr(C_r) - 2 tr((C_r^1/2 C C_r^1/2)^1/2) for a batch of (mu (B, D), cov
+    (B, D, D)) against one reference, in float64. C_r^1/2 C C_r^1/2 is symmetric with the eigenvalues of C C_r,
+    so its trace square root comes from eigvalsh: no scipy and no complex parts."""
+    half = sqrtm_psd(cov_r) if cov_r_half is None else cov_r_half
+    m = half @ cov @ half
+    tr_covmean = torch.linalg.eigvalsh((m + m.transpose(-1, -2)) / 2).clamp(min=0).sqrt().sum(-1)
+    return ((mu - mu_r) ** 2).sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + cov_r.trace() - 2 * tr_covmean
+
 
 def frechet_distance(mu1, cov1, mu2, cov2):
-    """d^2 = ||mu1 - mu2||^2 + tr(C1) + tr(C2) - 2 tr((C1^1/2 C2 C1^1/2)^1/2), in float64. The matrix square
-    roots come from eigendecompositions of symmetric matrices (C1^1/2 C2 C1^1/2 is symmetric, and has the same
-    eigenvalues as C1 C2), so no scipy and no complex parts."""
+    """The Frechet distance between two Gaussians (FID's formula when the features are Inception's)."""
     mu1, cov1, mu2, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, cov1, mu2, cov2))
-    w, V = torch.linalg.eigh(cov1)
-    cov1_half = V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
-    m = cov1_half @ cov2 @ cov1_half
-    tr_covmean = torch.linalg.eigvalsh((m + m.T) / 2).clamp(min=0).sqrt().sum()
-    return float(((mu1 - mu2) ** 2).sum() + cov1.trace() + cov2.trace() - 2 * tr_covmean)
+    return float(frechet_distances(mu1[None], cov1[None], mu2, cov2)[0])
 
 
-def feature_stats(f):
-    """Mean and covariance of features (N, D), in float64."""
+def feature_stats(f, w=None):
+    """Mean and covariance of features f (N, D) in float64; with resampling weights w (B, N), whose rows are
+    counts summing to N, one (mean, covariance) per row: (B, D), (B, D, D)."""
     f = f.double()
-    return f.mean(0), torch.cov(f.T)
+    if w is None:
+        return f.mean(0), torch.cov(f.T)
+    n = f.shape[0]
+    mu = w @ f / n
+    second = torch.cat([torch.einsum("bn,nd,ne->bde", wc, f, f) for wc in w.split(50)]) / n
+    return mu, (second - mu[:, :, None] * mu[:, None, :]) * n / (n - 1)
 
 
 def inception_score(logits, splits=10):
@@ -928,6 +1110,29 @@ class InceptionFeatures(nn.Module):
         return f, self.fc(f)
 
 
+class FIDInception(nn.Module):
+    """Standard FID's network: the port of the TF Inception that FID is defined with, from the optional package
+    pytorch-fid (`pip install pytorch-fid`; its weights download on first use). 2048-d pool features. The package
+    resizes to 299x299 and maps [0, 1] to [-1, 1] itself (resize_input, normalize_input), so images go in once,
+    at their own size, in [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from pytorch_fid.inception import InceptionV3
+        except ImportError:
+            raise UsageError("--features fid needs the optional package pytorch-fid: pip install pytorch-fid")
+        try:
+            self.net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
+        except Exception as e:                                     # offline: URLError, OSError, ...
+            raise UsageError(f"the FID Inception weights are not in the torch hub cache ({torch.hub.get_dir()}) and "
+                             f"could not be downloaded ({type(e).__name__}); use --features classifier offline")
+
+    def forward(self, x):
+        f = self.net((x + 1) / 2)[0].flatten(1)                     # (N, 2048)
+        return f, x.new_zeros(len(x), 0)
+
+
 @torch.no_grad()
 def extract(net, images, device, batch=250):
     """Features (float64) and logits of images given as uint8 or in [-1, 1]."""
@@ -940,29 +1145,111 @@ def extract(net, images, device, batch=250):
     return torch.cat(feats), torch.cat(logits)
 
 
+class RandomFeatures(nn.Module):
+    """The second ruler: a convolutional network with fixed random weights (He-normal, drawn from its own seed)
+    that is never trained. It shares nothing with the classifier ruler -- no data, no labels, no training, another
+    architecture -- so a verdict that both rulers give does not come from what one network learnt to look at.
+    Its 64 features are the per-channel means of three ReLU layers (16 channels at full resolution, 16 at 1/2,
+    32 at 1/4): colour, contrast and texture statistics, which a shape classifier is trained to be blind to."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                                    nn.Conv2d(16, 32, 3, stride=2, padding=1)])
+        with torch.no_grad():
+            for conv in self.convs:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2 / conv.weight[0].numel()) ** 0.5)
+                conv.bias.zero_()
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        feats = []
+        for conv in self.convs:
+            x = F.relu(conv(x))
+            feats.append(x.mean((2, 3)))
+        return torch.cat(feats, 1), x.new_zeros(len(x), 0)        # (N, 64) features, no logits
+
+
+def pixel_summary(x):
+    """Per-image pixel statistics of images in [-1, 1], taken in [0, 1]: mean, mean square, saturation (the mean
+    over pixels of (max - min) / max over the RGB channels), contrast (the std of the image's pixels); and the
+    radially averaged power spectrum (image mean removed, mean over channels) at integer radii from 1 to the
+    corner, where the blur the paper attributes to MSE shows.  # (N, 3, H, W) -> (N, 4), (N, R)"""
+    p = ((x.float() + 1) / 2).clamp(0, 1)
+    mx, mn = p.max(1).values, p.min(1).values
+    stats = torch.stack([p.mean((1, 2, 3)), (p ** 2).mean((1, 2, 3)), ((mx - mn) / mx.clamp(min=1e-6)).mean((1, 2)),
+                         p.std((1, 2, 3), unbiased=False)], 1)
+    H, W = p.shape[-2:]
+    power = torch.fft.fft2(p - p.mean((2, 3), keepdim=True)).abs().pow(2).mean(1)     # (N, H, W)
+    r = ((torch.fft.fftfreq(H) * H)[:, None] ** 2 + (torch.fft.fftfreq(W) * W)[None] ** 2).sqrt().round()
+    spectrum = torch.stack([power[:, r == k].mean(1) for k in range(1, int(r.max()) + 1)], 1)   # corners included
+    return stats.double(), spectrum.double()
+
+
+def high_freq_ratio(spectrum, real_spectrum):
+    """Energy in the upper half of the radii, relative to the real images' (1 = as sharp as real; < 1 blurrier)."""
+    k = spectrum.shape[-1] // 2
+    return spectrum[..., k:].sum(-1) / real_spectrum[k:].sum()
+
+
+def bootstrap_weights(n, resamples, seed):
+    """(1 + resamples, n) weights: row 0 all ones (the estimate itself), each other row the counts of one
+    resample of the n samples with replacement (Efron's bootstrap), deterministic from seed. Two sample sets
+    of the same size measured with the same seed are resampled at the same indices: a paired bootstrap."""
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
+    return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
+
+
+def interval(estimate, replicates, level=0.95):
+    """The bootstrap percentile interval, shifted so the replicates' median sits on the estimate (resampling with
+    replacement biases a Frechet distance upwards; the shift removes that bias, not the spread)."""
+    q = torch.quantile(replicates.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2, 0.5], dtype=torch.float64))
+    shift = q[2] - float(estimate)
+    return [float(q[0] - shift), float(q[1] - shift)]
+
+
 class Ruler:
-    """What every number is measured with: a feature network and the statistics of `real_n` real images, with
-    the protocol written down beside them. features="classifier" trains (or reuses, from `cache`) the small CNN;
-    features="inception" needs torchvision's downloaded weights."""
+    """What every number is measured with: two feature networks that share nothing (the first: the classifier,
+    or Inception; the second: RandomFeatures), pixel statistics, and the statistics of `real_n` held-out real
+    images, with the protocol written down beside them. features="classifier" trains (or reuses, from `cache`)
+    the small CNN; features="inception" needs torchvision's downloaded weights. Every number comes with a 95%
+    bootstrap interval over the samples (the real statistics are held fixed: every row shares them)."""
 
     def __init__(self, features, data, data_dir, image_size, data_seed, real_n, device, cache=None,
                  classifier_steps=600, log=print):
         self.features, self.device = features, device
-        real, real_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
+        heldout, heldout_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
         split = "test" if data in ("shapes", "cifar10") else "train (a folder has no held-out split)"
-        real_n = min(real_n, len(real))                            # a small folder has fewer images
-        real, real_y = real[:real_n], real_y[:real_n]
-        self.protocol = {"features": features, "real_images": real_n, "real_split": split, "data": data}
+        real_n = min(real_n, len(heldout))                         # a small folder has fewer images
+        self.heldout, self.heldout_y, self.real_n = heldout, heldout_y, real_n
+        self.protocol = {"features": features, "second_features": "random", "real_images": real_n,
+                         "real_split": split, "data": data}
         if features == "classifier":
-            self.net = self._classifier(data, data_dir, image_size, data_seed, len(names), classifier_steps, cache, log)
+            net = self._classifier(data, data_dir, image_size, data_seed, len(names), classifier_steps, cache, log)
         elif features == "inception":
-            self.net = InceptionFeatures().to(device).eval()
+            net = InceptionFeatures().to(device).eval()
+        elif features == "fid":
+            net = FIDInception().to(device).eval()
         else:
-            raise UsageError(f"--features must be classifier or inception, got {features!r}")
-        f, logits = extract(self.net, real, device)
-        self.real_mu, self.real_cov = feature_stats(f)
+            raise UsageError(f"--features must be classifier, inception or fid, got {features!r}")
+        self.nets = {features: net, "random": RandomFeatures().to(device)}
+        self.num_classes = len(names) if features == "classifier" else 0
+        real = self.summarize(heldout[:real_n], heldout_y[:real_n])
+        self.real_stats = {}
+        for name, f in real["feat"].items():
+            mu, cov = feature_stats(f.to(device))
+            self.real_stats[name] = (mu, cov, sqrtm_psd(cov))
+        if features == "fid":                                      # the common protocol: all training images
+            mu, cov = self._fid_reference(data, data_dir, image_size, data_seed, log)
+            self.real_stats["fid"] = (mu.to(device), cov.to(device), sqrtm_psd(cov.to(device)))
+            self.protocol.update(real_images_fid=f"the whole training split ({data})", fid="pytorch-fid")
+        self.real_spectrum = real["spectrum"].mean(0)
+        ones = torch.ones(1, real_n, dtype=torch.float64)
+        self.real_values = {k: float(v[0]) for k, v in self.metrics(real, ones).items() if not k.startswith("fd")}
         if features == "classifier":
-            self.protocol["classifier_accuracy_on_real"] = round((logits.argmax(1) == real_y).float().mean().item(), 4)
+            self.protocol["classifier_accuracy_on_real"] = round(self.real_values.pop("cond_acc"), 4)
 
     def _classifier(self, data, data_dir, image_size, data_seed, num_classes, steps, cache, log):
         """The cached classifier when its key matches, else a newly trained one (then cached)."""
@@ -982,25 +1269,71 @@ class Ruler:
             torch.save({"key": key, "model": net.state_dict()}, cache)
         return net
 
-    def measure(self, x, y):
-        """Frechet distance of samples x (in [-1, 1]) to the real images, and the share of conditional samples
-        the classifier assigns to the class they were asked for (classifier) or the Inception Score."""
-        f, logits = extract(self.net, x, self.device)
-        out = {"fd": frechet_distance(*feature_stats(f), self.real_mu, self.real_cov)}
+    def _fid_reference(self, data, data_dir, image_size, data_seed, log):
+        """FID's reference statistics: the pytorch-fid features of every training image (CIFAR-10: the 50,000
+        training images, the common protocol), cached beside the data."""
+        path = os.path.join(data_dir, f"fid_stats_{os.path.basename(os.path.normpath(data))}_{image_size}px_seed{data_seed}.pt")
+        if os.path.isfile(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["mu"], saved["cov"]
+        images, _, _, _ = load_dataset(data, data_dir, image_size, train=True, seed=data_seed)
+        log(f"FID reference statistics: {len(images)} training images (cached in {path})")
+        mu, cov = feature_stats(extract(self.nets["fid"], images, self.device)[0])
+        os.makedirs(data_dir, exist_ok=True)
+        torch.save({"mu": mu, "cov": cov, "images": len(images)}, path)
+        return mu, cov
+
+    def summarize(self, x, y):
+        """Per-image quantities of images x (uint8, or in [-1, 1]) with requested labels y (None: unconditional)."""
+        feat, logits = {}, None
+        for name, net in self.nets.items():
+            feat[name], lg = extract(net, x, self.device)
+            logits = lg if logits is None else logits
+        stats, spectrum = pixel_summary(to_model_range(x) if x.dtype == torch.uint8 else x)
+        return {"feat": feat, "logits": logits, "y": y, "stats": stats, "spectrum": spectrum}
+
+    def metrics(self, s, w):
+        """Every metric of a summarized set under resampling weights w (B, n): {name: (B,)}. Frechet distances
+        (fd: the first feature network; fd_random: the second), the conditional accuracy, the entropy (nats) of
+        the classifier's predicted-class histogram and the share of its rarest class (a sampler that wins on
+        Frechet distance by dropping modes shows there), and the pixel statistics."""
+        n, m = w.shape[1], {}
+        for name, f in s["feat"].items():
+            mu, cov = feature_stats(f.to(self.device), w.to(self.device))
+            m["fd" if name == self.features else f"fd_{name}"] = frechet_distances(mu, cov, *self.real_stats[name]).cpu()
+        if self.num_classes:
+            pred = s["logits"].argmax(1)
+            hist = w @ F.one_hot(pred, self.num_classes).double() / n                 # (B, K)
+            m["class_entropy"] = -(hist * hist.clamp(min=1e-12).log()).sum(1)
+            m["rarest_class"] = hist.min(1).values
+            if s["y"] is not None:
+                m["cond_acc"] = w @ (pred == s["y"].cpu()).double() / n
+        st = w @ s["stats"] / n                                                      # (B, 4)
+        m.update(mean=st[:, 0], std=(st[:, 1] - st[:, 0] ** 2).clamp(min=0).sqrt(), saturation=st[:, 2],
+                 contrast=st[:, 3])
+        m["spectrum_dist"] = (w @ s["spectrum"] / n / self.real_spectrum).log10().pow(2).mean(1).sqrt()
+        return m
+
+    def measure(self, x, y, resamples=1000, seed=0):
+        """Every metric of samples x (in [-1, 1]) as {name: value, name_ci: [lo, hi]} (95%), and the bootstrap
+        replicates {name: (resamples,)}: sets of the same size measured with the same seed share their
+        resamples, so the difference of two rows' replicates is a paired bootstrap of their difference."""
+        s = self.summarize(x, y)
+        out, boot = {}, {}
+        for k, v in self.metrics(s, bootstrap_weights(len(x), resamples, seed)).items():
+            out[k], out[k + "_ci"], boot[k] = float(v[0]), interval(v[0], v[1:]), v[1:]
         if self.features == "inception":
-            out["is"] = inception_score(logits)
-        elif y is not None:
-            out["cond_acc"] = (logits.argmax(1) == y.cpu()).float().mean().item()
-        return out
+            out["is"] = inception_score(s["logits"])
+        return out, boot
 
 
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
-             batch=None, precision="auto", label=None):
-    """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`).
-    The noise of sample i does not depend on `batch`, so models are compared from the same x_T. The default
-    batch is 64 on a CPU, where larger batches run slower per image (measured), and 256 on a GPU."""
+             batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf)):
+    """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the
+    null label num_classes samples the unconditional model that label dropout trained). The noise of sample i
+    does not depend on `batch`, so models are compared from the same x_T; the sampler chunks each forward to
+    the device's efficient size (max_forward_batch), so `batch` only bounds memory."""
     device = next(model.parameters()).device
-    batch = batch or (256 if device.type == "cuda" else 64)
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
     y = None
@@ -1011,20 +1344,25 @@ def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
         for i in range(0, n, batch):
             yi = None if y is None else y[i:i + batch].to(device)
             out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps, cfg_scale, cfg_rescale, eta,
-                              spacing, generator=g, noise=noise[i:i + batch]).float().cpu())
+                              spacing, generator=g, noise=noise[i:i + batch], cfg_interval=cfg_interval).float().cpu())
     return torch.cat(out), y
 
 
 def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing",
-                   seed=0, batch=None, precision="auto"):
-    """Sample n images and measure them; the result carries its protocol."""
+                   seed=0, batch=256, precision="auto", label=None, resamples=1000, cfg_interval=(0.0, math.inf)):
+    """Sample n images and measure them: (result with its protocol and 95% intervals, bootstrap replicates).
+    label = model.num_classes samples the unconditional model (no conditional accuracy then)."""
     t0 = time.time()
-    x, y = generate(model, schedule, n, steps, cfg_scale, cfg_rescale, eta, spacing, seed, batch, precision)
+    x, y = generate(model, schedule, n, steps, cfg_scale, cfg_rescale, eta, spacing, seed, batch, precision, label,
+                    cfg_interval)
     seconds = time.time() - t0
-    res = ruler.measure(x, y)
+    res, boot = ruler.measure(x, y if label is None else None, resamples, seed)
     res.update(samples=n, sampler="DDIM", steps=steps, eta=eta, spacing=spacing, cfg_scale=cfg_scale,
-               cfg_rescale=cfg_rescale, seed=seed, sample_seconds=round(seconds, 1), **ruler.protocol)
-    return res
+               cfg_rescale=cfg_rescale, seed=seed, sample_seconds=round(seconds, 1), bootstrap_resamples=resamples,
+               **ruler.protocol)
+    if label is not None:
+        res["label"] = label
+    return res, boot
 
 
 # =================================================================================================
@@ -1032,52 +1370,113 @@ def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=
 # =================================================================================================
 
 PRESETS = {
-    # <= 20 minutes on 2 CPU cores (torch's default threads): shapes at 16 pixels, where a 1.1M-parameter UNet
-    # learns the classes in a few thousand steps (at 32 pixels, 1200 steps still gave blobs); bf16 autocast,
-    # 1.36x faster than fp32 here with no measured loss of quality (README, Speed); the paper's beta schedule.
-    "cpu": dict(train=dict(data="shapes", image_size=16, attn_res="4", betas="scaled_linear", precision="bf16",
-                           batch_size=64, lr=2e-3, warmup=50, ema_decay=0.995, log_every=250, sample_every=0,
-                           ckpt_every=500),
-                stage1_steps=4000, stage2_steps=1500, stage2_lr=5e-4, features="classifier", classifier_steps=400,
-                real_n=2000, eval_n=1000, sweep_n=300, sweep_scales=[1.25, 1.5, 2.0, 3.0, 5.0], cfg_rescale=0.7,
-                eval_steps=25, picture_per_class=3),
+    # The default run, sized for the slowest 2-core CPU measured (AVX2, no native bf16: README, Speed): shapes at
+    # 16 pixels, a 0.69M-parameter UNet (16 base channels, most of its width at low resolution, where it is
+    # cheap), batch 32, fp32 (bf16 autocast ran convolutions 15x SLOWER there,
+    # and fp32 gives the same table on every machine), the paper's beta schedule. Stage 1 is short, so it is
+    # not converged: the table says so, and `cpu-long` trains it longer.
+    "cpu": dict(train=dict(data="shapes", image_size=16, channels=16, channel_mult="1,2,4", attn_res="4",
+                           betas="scaled_linear", precision="fp32", batch_size=32, lr=2e-3, warmup=50, ema_decay=0.995,
+                           log_every=250, sample_every=0, ckpt_every=250),
+                stage1_steps=2000, stage2_steps=400, stage2_lr=5e-4, features="classifier", classifier_steps=400,
+                real_n=2000, eval_n=600, sweep_n=200, sweep_scales=[1.5, 2.0, 3.0], cfg_rescale=0.7,
+                eval_steps=16, picture_per_class=3, resamples=1000, x0_n=500, x0_show=4),
     # The recipe for a real run on one GPU. Its cost has not been measured in this repository (see README).
     "cifar10": dict(train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
                                dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, log_every=500,
                                sample_every=10000, ckpt_every=5000),
-                    stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, features="inception",
+                    stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, features="fid",
                     classifier_steps=4000, real_n=10000, eval_n=10000, sweep_n=2000, sweep_scales=[1.5, 2.0, 3.0],
-                    cfg_rescale=0.7, eval_steps=50, picture_per_class=2),
+                    cfg_rescale=0.7, eval_steps=50, picture_per_class=2, resamples=200, x0_n=1000, x0_show=4),
     # A seconds-long pass through every stage: checks the pipeline, measures nothing.
-    "smoke": dict(train=dict(data="shapes", channels=8, channel_mult="1,2", attn_res="", precision="bf16", batch_size=8,
-                             lr=1e-3, warmup=1, ema_decay=0.9, log_every=1, sample_every=0, ckpt_every=100),
+    "smoke": dict(train=dict(data="shapes", image_size=16, channels=8, channel_mult="1,2", attn_res="", precision="fp32",
+                             batch_size=8, lr=1e-3, warmup=1, ema_decay=0.9, log_every=1, sample_every=0, ckpt_every=100),
                   stage1_steps=2, stage2_steps=1, stage2_lr=1e-3, features="classifier", classifier_steps=1,
                   real_n=40, eval_n=20, sweep_n=10, sweep_scales=[2.0, 3.0], cfg_rescale=0.7, eval_steps=2,
-                  picture_per_class=1),
+                  picture_per_class=1, resamples=50, x0_n=20, x0_show=2),
 }
 
-ROWS = [  # (row, name, which trained model, guided?)
-    (1, "MSE", "mse", False),
-    (2, "MSE, continued", "mse-continued", False),
-    (3, "MSE + guidance", "mse", True),
-    (4, "self-perceptual", "self-perceptual", False),
-    (5, "self-perceptual + guidance", "self-perceptual", True),
+# The cpu preset with a stage 1 long enough that the control's extra MSE steps change little (README: Results,
+# the learning curve that chose its length); <= 60 minutes on the same 2 cores. Its stage 1 continues the cpu
+# preset's exactly (constant learning rate after warm-up), so `--out` of a finished cpu run can be reused.
+PRESETS["cpu-long"] = {**PRESETS["cpu"], "stage1_steps": 10000,
+                       "train": {**PRESETS["cpu"]["train"], "log_every": 500, "ckpt_every": 500}}
+
+ROWS = [  # (row, name, which trained model, how it is sampled: "cond" unguided, "cfg" guided, "null" null label)
+    (1, "MSE", "mse", "cond"),
+    (2, "MSE, continued", "mse-continued", "cond"),
+    (3, "MSE + guidance", "mse", "cfg"),
+    (4, "self-perceptual", "self-perceptual", "cond"),
+    (5, "self-perceptual + guidance", "self-perceptual", "cfg"),
+    (6, "MSE, unconditional", "mse", "null"),
+    (7, "MSE continued, unconditional", "mse-continued", "null"),
+    (8, "self-perceptual, unconditional", "self-perceptual", "null"),
 ]
+PAIRS = [  # (row a, row b, what the paired difference a - b asks)
+    (4, 1, "self-perceptual vs the MSE model it started from (the paper's claim)"),
+    (4, 2, "self-perceptual vs MSE trained as long (the fair comparison)"),
+    (2, 1, "the control's gain from the extra MSE steps (is stage 1 converged?)"),
+    (3, 4, "MSE + guidance vs self-perceptual (the paper: guidance stays ahead)"),
+    (5, 3, "self-perceptual + guidance vs MSE + guidance"),
+    (8, 6, "unconditional: self-perceptual vs MSE"),
+    (8, 7, "unconditional: self-perceptual vs MSE trained as long"),
+]
+# The paper's ablations of the self-perceptual objective: one stage-2 run each, evaluated exactly like row 4.
+ABLATIONS = [("all-layers", "all layers (down + mid), each normalised", dict(sp_features="all")),
+             ("t-prime-same", "t' = t", dict(sp_t_prime="same")),
+             ("mae", "MAE distance", dict(sp_distance="mae")),
+             ("ema-perceptual", "EMA of the online model as f*", dict(perceptual_net="ema"))]
+VERDICT_METRICS = [("fd", "Frechet distance, 1st ruler", -1), ("fd_random", "Frechet distance, random features", -1),
+                   ("cond_acc", "conditional accuracy", 1)]
+BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out"}
+
+
+def paired(a, b, boot_a, boot_b, key, sign):
+    """The paired difference a - b of one metric with its 95% interval, and the verdict it supports (sign -1:
+    lower is better)."""
+    d, ci = a[key] - b[key], interval(a[key] - b[key], boot_a[key] - boot_b[key])
+    if ci[0] <= 0 <= ci[1]:
+        return d, ci, "not distinguishable at this sample size"
+    return d, ci, "a better" if (d > 0) == (sign > 0) else "b better"
+
+
+def run_stage(cfg, log, fresh=False):
+    """train(cfg), except that a finished run of the same configuration in cfg["out"] is reused and an
+    interrupted one is resumed: rerunning reproduce, or adding --ablations, never retrains a finished stage.
+    A folder holding a run of another configuration is refused rather than overwritten. fresh: train anew
+    (a stage 2 whose stage 1 has just been (re)trained)."""
+    cfg = {**TRAIN_DEFAULTS, **cfg}
+    path = os.path.join(cfg["out"], "ckpt.pt")
+    if fresh and os.path.isfile(path):
+        log(f"training {cfg['out']} anew: its stage 1 was trained in this run")
+    elif os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps"} and ckpt["config"].get(k) != v)
+        if other or ckpt["step"] > cfg["steps"]:
+            raise UsageError(f"{cfg['out']} holds a run of another configuration ({', '.join(other) or 'more steps'}"
+                             f" differ): use another --out, or remove that folder")
+        if ckpt["step"] == cfg["steps"]:
+            log(f"reusing the finished run in {cfg['out']} ({ckpt['step']} steps)")
+            model = model_from_checkpoint(ckpt).to(cfg["device"])
+            return model, {"steps": ckpt["step"], "train_seconds": ckpt.get("train_seconds", 0.0),
+                           "config": ckpt["config"], "reused": True}
+        cfg["resume"] = cfg["out"]
+    return train(cfg, log=log)
 
 
 def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision):
-    """One labelled column per row, the same classes and the same initial noise in every column."""
+    """One labelled column per conditional row, the same classes and the same initial noise in every column."""
     from PIL import Image, ImageDraw
     scale, pad, head = max(2, 64 // models["mse"].image_size), 8, 30
     columns = []
-    for row, name, key, guided in rows:
+    for row, name, key, mode in rows:
         m = models[key]
         k, s = max(m.num_classes, 1), m.image_size
-        w, phi = guidance if guided else (1.0, 0.0)
+        w, phi = guidance if mode == "cfg" else (1.0, 0.0)
         x, _ = generate(m, schedule, per_class * k, steps, w, phi, seed=12345, precision=precision)
         # sample i has class i % k: lay out one class per line, per_class samples side by side
         grid = to_uint8(x).view(per_class, k, 3, s, s).permute(1, 3, 0, 4, 2).reshape(k * s, per_class * s, 3)
-        title = f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if guided else "no guidance")
+        title = f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if mode == "cfg" else "no guidance")
         columns.append((title, Image.fromarray(grid.numpy()).resize((per_class * s * scale, k * s * scale), Image.NEAREST)))
     width = max(160, columns[0][1].width)
     canvas = Image.new("RGB", (len(columns) * (width + pad) + pad, columns[0][1].height + head + pad), "white")
@@ -1089,99 +1488,271 @@ def comparison_picture(models, schedule, rows, guidance, path, per_class, steps,
     canvas.save(path)
 
 
-def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, **overrides):
+@torch.no_grad()
+def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0):
+    """The paper's argument made visible: from the same x_t = alpha_t x0 + sigma_t eps of held-out images, each
+    model's one-step prediction x0_hat, at t spread over 0..T-1 (T-1 included). Writes a picture (one line per
+    t; columns x_t, each model's x0_hat, x0) and returns, per t and model, the high-frequency energy of x0_hat
+    relative to the real images' (1 = as sharp as real) and its Frechet distance (1st ruler) to the real images,
+    measured on n held-out images that the ruler's reference statistics do not contain (where there are enough)."""
+    from PIL import Image, ImageDraw
+    T, first = schedule.T, ruler.real_n if len(ruler.heldout) >= ruler.real_n + n else 0
+    x0_u8, y = ruler.heldout[first:first + n], ruler.heldout_y[first:first + n]
+    x0 = to_model_range(x0_u8)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    ts = sorted({max(0, round(f * T) - 1) for f in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)})
+    numbers, lines = [], []
+    for t in ts:
+        tt = torch.full((len(x0),), t, dtype=torch.long)
+        x_t = schedule.q_sample(x0, tt, eps)
+        row, shown = {"t": t}, [x_t[:n_show]]
+        for name, m in models.items():
+            dev = next(m.parameters()).device
+            with autocast(dev, precision):
+                v = torch.cat([m(xc.to(dev), tc.to(dev), yc.to(dev) if m.num_classes else None).float().cpu()
+                               for xc, tc, yc in zip(x_t.split(256), tt.split(256), y.split(256))])
+            x0_hat = schedule.pred_to_x0_eps(x_t, v, tt)[0].clamp(-1, 1)
+            s = ruler.summarize(x0_hat, None)
+            feat = s["feat"][ruler.features].to(ruler.device)
+            row[name] = {"high_freq": float(high_freq_ratio(s["spectrum"].mean(0), ruler.real_spectrum)),
+                         "fd": frechet_distance(*feature_stats(feat), *ruler.real_stats[ruler.features][:2])}
+            shown.append(x0_hat[:n_show])
+        numbers.append(row)
+        gap = torch.ones(3, x0.shape[-2], 2)                                                  # white, in [-1, 1]
+        lines.append(torch.cat([torch.cat([*b, gap], 2) for b in shown + [x0[:n_show]]], 2))   # (3, H, cols * (W+..))
+    S, scale, left, head = x0.shape[-1], max(2, 64 // x0.shape[-1]), 60, 20
+    strip = to_uint8(torch.cat(lines, 1)).permute(1, 2, 0).numpy()                             # (len(ts) * H, W_all, 3)
+    img = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (img.width + left, img.height + head), "white")
+    canvas.paste(img, (left, head))
+    draw, block = ImageDraw.Draw(canvas), (n_show * S + 2) * scale
+    for i, title in enumerate(["x_t"] + [f"{k}: x0_hat" for k in models] + ["x0"]):
+        draw.text((left + i * block + 2, 4), title, fill="black")
+    for i, t in enumerate(ts):
+        draw.text((4, head + i * S * scale + S * scale // 2 - 5), f"t={t}", fill="black")
+    canvas.save(path)
+    return numbers
+
+
+def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, ablations=False, **overrides):
     """Stage 1 (MSE), stage 2 (self-perceptual from stage 1), and the fair control (MSE continued for as many
-    steps as stage 2) from the same stage-1 weights; then the five rows of ROWS, each sampled with the same
-    sampler, seeds and number of samples, and measured with the same ruler. Writes results.md, results.json
-    and comparison.png under `out`."""
+    steps as stage 2) from the same stage-1 weights; then the rows of ROWS, each sampled with the same sampler,
+    seeds, initial noise and number of samples, and measured with the same two rulers; the paired verdicts of
+    PAIRS; the x0_hat study. With ablations, one more stage-2 run per entry of ABLATIONS. Writes results.md,
+    results.json, comparison.png, x0_hat.png (and ablations.md, ablations.json) under `out`."""
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     if distributed()[1] > 1:
         raise UsageError("reproduce runs in one process; under torchrun, run the `train` stages instead")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
     base = {**p["train"], "seed": seed, "device": device or TRAIN_DEFAULTS["device"]}
-    os.makedirs(out, exist_ok=True)
+    check_config({**TRAIN_DEFAULTS, **base})
+    writable_dir(out, "--out")
     t_start = time.time()
+    stage1 = os.path.join(out, "mse", "ckpt.pt")
     stages = [("mse", dict(loss="mse", steps=p["stage1_steps"])),
-              ("self-perceptual", dict(loss="self-perceptual", steps=p["stage2_steps"], lr=p["stage2_lr"])),
-              ("mse-continued", dict(loss="mse", steps=p["stage2_steps"], lr=p["stage2_lr"]))]
+              ("self-perceptual", dict(loss="self-perceptual", steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1)),
+              ("mse-continued", dict(loss="mse", steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1))]
+    if ablations:
+        stages += [(f"sp-{key}", dict(loss="self-perceptual", steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1,
+                                      **variant)) for key, _, variant in ABLATIONS]
     models, stats = {}, {}
     for i, (key, stage) in enumerate(stages):
-        log(f"== stage {i + 1}/3: {key} ({stage['steps']} steps) ==")
-        cfg = {**base, **stage, "out": os.path.join(out, key)}
-        if key != "mse":                                           # both start from the stage-1 EMA weights
-            cfg["init"] = os.path.join(out, "mse", "ckpt.pt")
-        models[key], stats[key] = train(cfg, log=lambda s, k=key: log(f"[{k}] {s}"))
+        log(f"== stage {i + 1}/{len(stages)}: {key} ({stage['steps']} steps) ==")
+        models[key], stats[key] = run_stage({**base, **stage, "out": os.path.join(out, key)},
+                                            log=lambda s, k=key: log(f"[{k}] {s}"),
+                                            fresh=key != "mse" and not stats["mse"].get("reused"))
         models[key].eval()
-    stats["mse-continued"]["steps"] += stats["mse"]["steps"]
-    stats["self-perceptual"]["steps"] += stats["mse"]["steps"]
+        if key != "mse":
+            stats[key]["steps"] += stats["mse"]["steps"]           # train steps count from initialisation
     cfg = stats["mse"]["config"]
     schedule = schedule_from(cfg)
     dev = torch.device(base["device"])
-    log("== evaluation: building the ruler ==")
+    log("== evaluation: building the rulers ==")
     ruler = Ruler(p["features"], cfg["data"], cfg["data_dir"], cfg["image_size"], cfg["data_seed"], p["real_n"], dev,
                   cache=os.path.join(out, "classifier.pt"), classifier_steps=p["classifier_steps"], log=log)
-    ev = dict(steps=p["eval_steps"], precision=cfg["precision"])
+    ev = dict(steps=p["eval_steps"], precision=cfg["precision"], resamples=p["resamples"])
 
     # A small guidance sweep for row 3, on other seeds and fewer samples than the table uses.
     sweep = []
     for w in p["sweep_scales"]:
-        r = evaluate_model(models["mse"], schedule, ruler, p["sweep_n"], cfg_scale=w, cfg_rescale=p["cfg_rescale"],
-                           seed=seed + 1, **ev)
-        sweep.append({"cfg_scale": w, "cfg_rescale": p["cfg_rescale"], "fd": r["fd"], "cond_acc": r.get("cond_acc"),
-                      "is": r.get("is")})
+        r, _ = evaluate_model(models["mse"], schedule, ruler, p["sweep_n"], cfg_scale=w, cfg_rescale=p["cfg_rescale"],
+                              seed=seed + 1, **ev)
+        sweep.append({"cfg_scale": w, "cfg_rescale": p["cfg_rescale"], "fd": r["fd"], "fd_ci": r["fd_ci"]})
         log(f"guidance sweep: w={w:g} phi={p['cfg_rescale']:g} -> Frechet distance {r['fd']:.3f}")
-    best = min(sweep, key=lambda r: r["fd"])
-    guidance = (best["cfg_scale"], best["cfg_rescale"])
+    guidance = (min(sweep, key=lambda r: r["fd"])["cfg_scale"], p["cfg_rescale"])
 
-    rows = []
-    for row, name, key, guided in ROWS:
-        w, phi = guidance if guided else (1.0, 0.0)
-        r = evaluate_model(models[key], schedule, ruler, p["eval_n"], cfg_scale=w, cfg_rescale=phi, seed=seed, **ev)
-        r.update(row=row, name=name, loss=stats[key]["config"]["loss"], train_steps=stats[key]["steps"],
-                 train_seconds=round(stats[key]["train_seconds"], 1))
-        rows.append(r)
-        log(f"row {row} {name}: Frechet distance {r['fd']:.3f}" +
-            (f", conditional accuracy {r['cond_acc']:.3f}" if "cond_acc" in r else f", IS {r.get('is', 0):.2f}"))
-    comparison_picture(models, schedule, ROWS, guidance, os.path.join(out, "comparison.png"), p["picture_per_class"],
-                       p["eval_steps"], cfg["precision"])
+    def evaluate_row(row, name, key, mode):
+        """One row: the model sampled as `mode` from the table's seed, with its provenance."""
+        w, phi = guidance if mode == "cfg" else (1.0, 0.0)
+        label = models[key].num_classes if mode == "null" else None
+        r, boot = evaluate_model(models[key], schedule, ruler, p["eval_n"], cfg_scale=w, cfg_rescale=phi, seed=seed,
+                                 label=label, **ev)
+        r.update(row=row, name=name, model=key, mode=mode, loss=stats[key]["config"]["loss"],
+                 train_steps=stats[key]["steps"], train_seconds=round(stats[key]["train_seconds"], 1))
+        log(f"row {row} {name}: Frechet distance {r['fd']:.3f} {fmt_ci(r['fd_ci'])}, random features "
+            f"{r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])}")
+        return r, boot
+
+    rows, boots = {}, {}
+    for spec in ROWS:
+        rows[spec[0]], boots[spec[0]] = evaluate_row(*spec)
+    verdicts = [verdict(a, b, what, rows, boots) for a, b, what in PAIRS]
+    comparison_picture(models, schedule, [r for r in ROWS if r[3] != "null"], guidance,
+                       os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"])
+    x0_numbers = x0_hat_study({"MSE": models["mse"], "self-perceptual": models["self-perceptual"]}, schedule, ruler,
+                              p["x0_n"], p["x0_show"], os.path.join(out, "x0_hat.png"), cfg["precision"], seed)
     result = {"preset": preset, "settings": {k: v for k, v in p.items() if k != "train"}, "train": base,
-              "guidance_sweep": sweep, "guidance": list(guidance), "rows": rows, "protocol": ruler.protocol,
-              "wall_seconds": round(time.time() - t_start, 1), "device": str(dev), "torch_threads": torch.get_num_threads()}
-    with open(os.path.join(out, "results.json"), "w") as f:
-        json.dump(result, f, indent=1)
-    with open(os.path.join(out, "results.md"), "w") as f:
-        f.write(results_markdown(result))
-    log(f"wrote {out}/results.md, results.json, comparison.png in {result['wall_seconds'] / 60:.1f} min")
+              "guidance_sweep": sweep, "guidance": list(guidance), "rows": list(rows.values()), "verdicts": verdicts,
+              "x0_hat": x0_numbers, "real": ruler.real_values, "protocol": ruler.protocol,
+              "reused_stages": [k for k in stats if stats[k].get("reused")],
+              "device": str(dev), "torch_threads": torch.get_num_threads()}
+    if ablations:
+        abl = []
+        for i, (key, label, variant) in enumerate(ABLATIONS):
+            r, boots[10 + i] = evaluate_row(10 + i, label, f"sp-{key}", "cond")
+            r["variant"], rows[10 + i] = variant, r
+            abl.append({"ablation": r, "verdicts": [verdict(10 + i, b, what, rows, boots) for b, what in
+                                                    ((4, "against the paper's choice (row 4)"),
+                                                     (2, "against MSE trained as long (row 2)"))]})
+        result["ablations"] = abl
+    result["wall_seconds"] = round(time.time() - t_start, 1)
+    write_outputs(out, {"results.json": json.dumps(result, indent=1), "results.md": results_markdown(result)}, log)
+    if ablations:
+        write_outputs(out, {"ablations.json": json.dumps(result["ablations"], indent=1),
+                            "ablations.md": ablations_markdown(result)}, log)
+    log(f"wrote {out}/results.md, results.json, comparison.png, x0_hat.png in {result['wall_seconds'] / 60:.1f} min")
     return result
 
 
+def verdict(a, b, what, rows, boots):
+    """The paired verdicts of row a against row b, one per metric both rows have."""
+    out = {"a": a, "b": b, "what": what}
+    for key, _, sign in VERDICT_METRICS:
+        if key in rows[a] and key in rows[b]:
+            d, ci, word = paired(rows[a], rows[b], boots[a], boots[b], key, sign)
+            out[key] = {"diff": d, "ci": ci, "verdict": word.replace("a better", f"row {a} better")
+                        .replace("b better", f"row {b} better")}
+    return out
+
+
+def fmt_ci(ci):
+    """[lo, hi] as text."""
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def write_outputs(out, files, log):
+    """Write finished text files; if one cannot be written (disk full, folder removed), say so in one line and
+    keep the others: the numbers are also in the log above."""
+    for name, text in files.items():
+        try:
+            with open(os.path.join(out, name), "w") as f:
+                f.write(text)
+        except OSError as e:
+            log(f"error: could not write {os.path.join(out, name)} ({e.strerror or e}); its content is not lost: "
+                f"the rows are in the log above")
+
+
 def results_markdown(res):
-    """The results table with its protocol, and what it says about the paper's ordering."""
-    rows, proto = res["rows"], res["protocol"]
-    second = "IS" if proto["features"] == "inception" else "cond. accuracy"
-    lines = [f"| row | model | loss | train steps | guidance w / phi | Frechet distance ({proto['features']}) | "
-             f"{second} | sampling s | training s |", "|---|---|---|---|---|---|---|---|---|"]
+    """The results tables with their intervals and protocol, and what they say about the paper's ordering."""
+    rows, proto, real = res["rows"], res["protocol"], res["real"]
+    first = proto["features"]
+    second = "IS" if first == "inception" else "cond. accuracy"
+    c = lambda r, k: f"{r[k]:.3f} {fmt_ci(r[k + '_ci'])}" if k in r else "-"
+    lines = [f"| row | model | sampled | train steps | Frechet distance ({first}) | Frechet distance (random features) | "
+             f"{second} | class entropy | rarest class | sampling s |", "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        guide = "none" if r["cfg_scale"] == 1 else f"{r['cfg_scale']:g} / {r['cfg_rescale']:g}"
-        snd = r.get("is", r.get("cond_acc"))
-        lines.append(f"| {r['row']} | {r['name']} | {r['loss']} | {r['train_steps']} | {guide} | {r['fd']:.3f} | "
-                     f"{'-' if snd is None else f'{snd:.3f}'} | {r['sample_seconds']} | {r['train_seconds']} |")
+        how = {"cond": "no guidance", "null": "null label, no guidance"}.get(r["mode"], f"w={r['cfg_scale']:g}, phi={r['cfg_rescale']:g}")
+        snd = f"{r['is']:.2f}" if "is" in r else c(r, "cond_acc")
+        lines.append(f"| {r['row']} | {r['name']} | {how} | {r['train_steps']} | {c(r, 'fd')} | {c(r, 'fd_random')} | "
+                     f"{snd} | {c(r, 'class_entropy')} | {c(r, 'rarest_class')} | {r['sample_seconds']} |")
+    if "class_entropy" in real:
+        lines.append(f"| - | real images | - | - | - | - | - | {real['class_entropy']:.3f} | {real['rarest_class']:.3f} | - |")
+    lines += ["", "Pixel statistics (images in [0, 1]; spectrum distance: RMS over radii of log10 of the radially "
+              "averaged power spectrum's ratio to the real images'):", "",
+              "| row | mean | std | saturation | contrast | spectrum distance |", "|---|---|---|---|---|---|",
+              f"| real | {real['mean']:.3f} | {real['std']:.3f} | {real['saturation']:.3f} | {real['contrast']:.3f} | 0 |"]
+    for r in rows:
+        lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in ("mean", "std", "saturation", "contrast",
+                                                                        "spectrum_dist")) + " |")
+    lines += ["", "Paired differences (row a - row b: the rows share their initial noise and labels; 95% paired "
+              f"bootstrap interval, {rows[0]['bootstrap_resamples']} resamples):", "",
+              "| a - b | question | " + " | ".join(name for _, name, _ in VERDICT_METRICS) + " |",
+              "|---|---|" + "---|" * len(VERDICT_METRICS)]
+    for v in res["verdicts"]:
+        cells = [f"{v[k]['diff']:+.3f} {fmt_ci(v[k]['ci'])}: {v[k]['verdict']}" if k in v else "-"
+                 for k, _, _ in VERDICT_METRICS]
+        lines.append(f"| {v['a']} - {v['b']} | {v['what']} | " + " | ".join(cells) + " |")
+    lines += ["", rulers_line(res["verdicts"]), "", convergence_line(res)]
+    lines += ["", "x0_hat from one step (`x0_hat.png`): high-frequency energy relative to real images (1 = as sharp)"
+              f" and Frechet distance ({first}) to the real images, on {res['settings']['x0_n']} held-out images:", "",
+              "| t | " + " | ".join(f"{k}: high-freq / FD" for k in res["x0_hat"][0] if k != "t") + " |",
+              "|---|" + "---|" * (len(res["x0_hat"][0]) - 1)]
+    for row in res["x0_hat"]:
+        lines.append(f"| {row['t']} | " + " | ".join(f"{v['high_freq']:.3f} / {v['fd']:.3f}" for k, v in row.items()
+                                                      if k != "t") + " |")
     r0 = rows[0]
-    fd = {r["row"]: r["fd"] for r in rows}
     lines += ["", f"Protocol: {r0['samples']} samples per row, {r0['sampler']} eta={r0['eta']}, {r0['steps']} steps, "
-              f"{r0['spacing']} spacing, seed {r0['seed']}, labels cycling through the classes, the same initial noise "
-              f"in every row; real statistics from {proto['real_images']} {proto['data']} images of the "
-              f"{proto['real_split']} split; features: {proto['features']}"
+              f"{r0['spacing']} spacing, seed {r0['seed']}, labels cycling through the classes (rows 6-8: the null "
+              f"label), the same initial noise in every row; real statistics from {proto['real_images']} "
+              f"{proto['data']} images of the {proto['real_split']} split; first ruler: {first}"
               + (f" (its accuracy on those real images: {proto['classifier_accuracy_on_real']:.3f})"
-                 if "classifier_accuracy_on_real" in proto else "") + ".",
-              "", "Guidance sweep for row 3 (other seed, " + f"{res['settings']['sweep_n']} samples): " +
+                 if "classifier_accuracy_on_real" in proto else "") + "; second ruler: fixed random features. "
+              "Intervals: 95%, bootstrap over the samples (real statistics held fixed), percentile interval "
+              "shifted to the estimate.", "",
+              "Guidance sweep for row 3 (other seed, " + f"{res['settings']['sweep_n']} samples): " +
               ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in res["guidance_sweep"]) +
               f"; chosen w={res['guidance'][0]:g}, phi={res['guidance'][1]:g}.", "",
-              f"Paper's ordering (lower Frechet distance is better): row 4 < row 1: {fd[4] < fd[1]} "
-              f"({fd[4]:.3f} vs {fd[1]:.3f}); row 4 < row 2: {fd[4] < fd[2]} ({fd[4]:.3f} vs {fd[2]:.3f}); "
-              f"row 3 best of rows 1-4: {fd[3] <= min(fd[1], fd[2], fd[4])}.", "",
-              f"Wall time {res['wall_seconds'] / 60:.1f} min on {res['device']} ({res['torch_threads']} torch threads)."]
+              f"Wall time {res['wall_seconds'] / 60:.1f} min on {res['device']} ({res['torch_threads']} torch threads)"
+              + (f"; stages reused from an earlier run: {', '.join(res['reused_stages'])}" if res["reused_stages"] else "")
+              + "."]
+    return "\n".join(lines) + "\n"
+
+
+def rulers_line(verdicts):
+    """One line: the comparisons where both rulers give the same verdict, and those where they differ."""
+    agree, differ = [], []
+    for v in verdicts:
+        if "fd" in v and "fd_random" in v:
+            (agree if v["fd"]["verdict"] == v["fd_random"]["verdict"] else differ).append(f"{v['a']}-{v['b']}")
+    return (f"Rulers: the two Frechet distances agree on {', '.join(agree) or 'no comparison'}; they disagree on "
+            f"{', '.join(differ) or 'none'}.")
+
+
+def convergence_line(res):
+    """Is stage 1 converged? The control's gain over row 1, and what it means for the row-4-vs-row-1 verdict."""
+    r1, r2 = (next(r for r in res["rows"] if r["row"] == k) for k in (1, 2))
+    gain = (r1["fd"] - r2["fd"]) / r1["fd"] if r1["fd"] > 0 else 0.0
+    v = next(v for v in res["verdicts"] if (v["a"], v["b"]) == (2, 1))["fd"]
+    text = (f"Convergence of stage 1: the control (row 2, {r2['train_steps'] - r1['train_steps']} more MSE steps) "
+            f"changed the Frechet distance by {-100 * gain:+.0f}% against row 1 ({v['diff']:+.3f} {fmt_ci(v['ci'])}).")
+    if gain > 0.1 and v["ci"][1] < 0:
+        text += (" That gain is large: stage 1 was not converged, so row 4 against row 1 mixes the objective with "
+                 "training length; row 4 against row 2 is the fair comparison.")
+    elif v["ci"][0] <= 0 <= v["ci"][1]:
+        text += (" The gain is not distinguishable from none at this sample size: stage 1 is close to converged, "
+                 "and row 4 against row 1 mostly measures the objective (row 2 stays the fair comparison).")
+    else:
+        text += (" The change is under 10% but measurable: row 4 against row 2 remains the fair comparison.")
+    return text
+
+
+def ablations_markdown(res):
+    """The ablation table: each variant evaluated exactly like row 4, with paired verdicts against rows 4 and 2."""
+    lines = ["| variant | Frechet distance (1st ruler) | Frechet distance (random) | cond. accuracy | - row 4 (1st / random) "
+             "| - row 2 (1st / random) |", "|---|---|---|---|---|---|"]
+    row4 = next(r for r in res["rows"] if r["row"] == 4)
+    lines.append(f"| the paper's (row 4) | {row4['fd']:.3f} {fmt_ci(row4['fd_ci'])} | {row4['fd_random']:.3f} "
+                 f"{fmt_ci(row4['fd_random_ci'])} | {row4.get('cond_acc', float('nan')):.3f} | - | - |")
+    for a in res["ablations"]:
+        r = a["ablation"]
+        cells = [f"{v['fd']['diff']:+.3f} {fmt_ci(v['fd']['ci'])} / {v['fd_random']['diff']:+.3f} "
+                 f"{fmt_ci(v['fd_random']['ci'])}: {v['fd']['verdict']} / {v['fd_random']['verdict']}" for v in a["verdicts"]]
+        lines.append(f"| {r['name']} | {r['fd']:.3f} {fmt_ci(r['fd_ci'])} | {r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])} "
+                     f"| {r.get('cond_acc', float('nan')):.3f} | " + " | ".join(cells) + " |")
+    lines += ["", f"Each variant: {res['settings']['stage2_steps']} stage-2 steps at lr {res['settings']['stage2_lr']:g} "
+              "from the same stage-1 checkpoint as row 4, sampled and measured exactly like row 4 (same noise, labels "
+              "and rulers); intervals are 95% paired bootstrap intervals."]
     return "\n".join(lines) + "\n"
 
 
@@ -1189,10 +1760,14 @@ def results_markdown(res):
 #                                   Benchmark: where the time goes
 # =================================================================================================
 
-def bench(cfg, iters=5, log=print):
-    """Parameter count, training images/s with each objective (and their ratio), and sampling images/s at
-    50 DDIM steps without and with guidance, for the model flags, batch size and device in cfg."""
-    cfg = {**TRAIN_DEFAULTS, **cfg, "num_classes": 10}
+GUIDANCE_INTERVAL = (0.28, 5.42)   # Kynkaanniemi et al. 2024's interval for EDM2 on ImageNet-512, in EDM sigma
+
+
+def step_times(cfg, iters, sample_steps):
+    """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch of images
+    for sample_steps DDIM steps unguided, guided, and guided in cfg["cfg_interval"]; measured after a warm-up
+    (which includes compilation), on cfg's model flags, device and precision."""
+    cfg = {**TRAIN_DEFAULTS, "cfg_interval": GUIDANCE_INTERVAL, **cfg, "num_classes": 10}
     check_config(cfg)
     device, B, S = torch.device(cfg["device"]), cfg["batch_size"], cfg["image_size"]
     torch.manual_seed(0)
@@ -1225,28 +1800,73 @@ def bench(cfg, iters=5, log=print):
             opt.zero_grad(set_to_none=True)
         return step
 
-    t_mse, t_sp = timed(train_step("mse"), iters), timed(train_step("self-perceptual"), iters)
-    model.eval()
-
-    def sampler(w):
+    def sampler(w, interval=(0.0, math.inf)):
         def run():
             with amp:
-                sample(net, schedule, (B, 3, S, S), y, steps=50, cfg_scale=w)
+                sample(net, schedule, (B, 3, S, S), y, steps=sample_steps, cfg_scale=w, cfg_interval=interval)
         return run
-    t_u, t_g = timed(sampler(1.0), 1), timed(sampler(3.0), 1)
-    res = {"params": sum(p.numel() for p in model.parameters()), "device": str(device), "batch": B,
-           "precision": cfg["precision"], "threads": torch.get_num_threads(),
-           "train_img_s_mse": B / t_mse, "train_img_s_self_perceptual": B / t_sp, "self_perceptual_step_ratio": t_sp / t_mse,
-           "sample_img_s_50_steps": B / t_u, "sample_img_s_50_steps_guided": B / t_g, "guided_step_ratio": t_g / t_u}
-    log(f"model {res['params'] / 1e6:.2f}M parameters | {device}, batch {B}, precision {cfg['precision']}, "
+
+    t = {"mse": timed(train_step("mse"), iters), "self-perceptual": timed(train_step("self-perceptual"), iters)}
+    model.eval()
+    lo, hi = cfg["cfg_interval"]
+    t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), interval=timed(sampler(3.0, (lo, hi)), 1),
+             interval_guided_steps=sum(lo < edm_sigma(schedule.alpha_bar[k].item()) <= hi
+                                       for k in schedule.timesteps(sample_steps).tolist()),
+             params=sum(p.numel() for p in model.parameters()), cfg=cfg)
+    return t
+
+
+def bench(cfg, iters=5, log=print):
+    """Parameter count, training images/s with each objective (and their ratio), and sampling images/s at
+    50 DDIM steps without guidance, with guidance, and with guidance in an interval."""
+    t = step_times(cfg, iters, 50)
+    cfg, B = t["cfg"], t["cfg"]["batch_size"]
+    res = {"params": t["params"], "device": cfg["device"], "batch": B, "precision": cfg["precision"],
+           "threads": torch.get_num_threads(), "train_img_s_mse": B / t["mse"],
+           "train_img_s_self_perceptual": B / t["self-perceptual"], "self_perceptual_step_ratio": t["self-perceptual"] / t["mse"],
+           "sample_img_s_50_steps": B / t["unguided"], "sample_img_s_50_steps_guided": B / t["guided"],
+           "guided_step_ratio": t["guided"] / t["unguided"], "max_forward_batch": max_forward_batch(cfg["device"]),
+           "cfg_interval": list(cfg["cfg_interval"]), "cfg_interval_guided_steps": t["interval_guided_steps"],
+           "sample_img_s_50_steps_interval": B / t["interval"], "interval_step_ratio": t["interval"] / t["unguided"]}
+    lo, hi = cfg["cfg_interval"]
+    log(f"model {res['params'] / 1e6:.2f}M parameters | {cfg['device']}, batch {B}, precision {cfg['precision']}, "
         f"{res['threads']} threads")
     log(f"train  mse              {res['train_img_s_mse']:8.1f} img/s")
     log(f"train  self-perceptual  {res['train_img_s_self_perceptual']:8.1f} img/s   "
         f"(step cost {res['self_perceptual_step_ratio']:.2f}x mse)")
     log(f"sample 50 steps         {res['sample_img_s_50_steps']:8.1f} img/s")
     log(f"sample 50 steps, cfg    {res['sample_img_s_50_steps_guided']:8.1f} img/s   "
-        f"(step cost {res['guided_step_ratio']:.2f}x unguided)")
+        f"(step cost {res['guided_step_ratio']:.2f}x unguided; forwards chunked to {res['max_forward_batch']})")
+    log(f"sample 50 steps, cfg in ({lo:g}, {hi:g}] {res['sample_img_s_50_steps_interval']:8.1f} img/s   "
+        f"(guided at {t['interval_guided_steps']} of 50 steps; cost {res['interval_step_ratio']:.2f}x unguided)")
     return res
+
+
+def estimate(preset, device=None, log=print, **overrides):
+    """The projected wall time of `reproduce --preset`, stage by stage, from a few timed steps of each objective
+    and of sampling on `device` (random data of the preset's shape: nothing is downloaded or trained). Not
+    included: building the ruler (classifier training or Inception features) and writing pictures."""
+    p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    device = device or TRAIN_DEFAULTS["device"]
+    sample_batch = max_forward_batch(device) or 256
+    t = step_times({**p["train"], "device": device}, iters=3, sample_steps=4)
+    t_fwd = t["unguided"] / (4 * p["train"]["batch_size"])          # seconds per image per unguided step
+    t_gfwd = t["guided"] / (4 * p["train"]["batch_size"])
+    k = 10                                                          # classes of shapes and CIFAR-10
+    unguided = p["eval_steps"] * (6 * p["eval_n"] + 3 * p["picture_per_class"] * k) + 12 * p["x0_n"]
+    guided = p["eval_steps"] * (2 * p["eval_n"] + len(p["sweep_scales"]) * p["sweep_n"] + 2 * p["picture_per_class"] * k)
+    parts = [(f"stage 1: mse, {p['stage1_steps']} steps", p["stage1_steps"] * t["mse"]),
+             (f"stage 2: self-perceptual, {p['stage2_steps']} steps", p["stage2_steps"] * t["self-perceptual"]),
+             (f"control: mse, {p['stage2_steps']} steps", p["stage2_steps"] * t["mse"]),
+             (f"evaluation: {unguided + guided:,} image-steps ({guided:,} guided)", unguided * t_fwd + guided * t_gfwd)]
+    total = sum(sec for _, sec in parts)
+    log(f"estimate for --preset {preset} on {device} ({t['params'] / 1e6:.2f}M parameters; measured: 3 training steps "
+        f"per objective at batch {p['train']['batch_size']}, 4 sampling steps; sampling forwards chunked to {sample_batch})")
+    for name, sec in parts:
+        log(f"  {name:55s} {sec / 60:8.1f} min")
+    log(f"  {'total (without building the ruler)':55s} {total / 60:8.1f} min"
+        f"   (--ablations adds {len(ABLATIONS)} x {p['stage2_steps'] * t['self-perceptual'] / 60:.1f} min of training)")
+    return {"parts": {name: sec for name, sec in parts}, "total_seconds": total}
 
 
 # =================================================================================================
@@ -1261,80 +1881,115 @@ class Parser(argparse.ArgumentParser):
 
 
 def add_train_args(p, names=None):
-    """One flag per row of TRAIN_ARGS (or the rows in `names`): --data-dir for data_dir, a switch for booleans."""
-    for name, default, help in TRAIN_ARGS:
+    """One flag per row of TRAIN_ARGS (or the rows in `names`): --data-dir for data_dir, a switch for booleans,
+    the row's range as the flag's type or choices."""
+    for name, default, check, help in TRAIN_ARGS:
         if names is not None and name not in names:
             continue
         flag = "--" + name.replace("_", "-")
+        help = help if "default" in help else f"{help} (default: {default})"
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=help)
+        elif isinstance(check, tuple):
+            p.add_argument(flag, default=default, choices=check, help=help)
         else:
-            p.add_argument(flag, type=type(default), default=default, metavar=type(default).__name__.upper(),
-                           help=help if "default" in help else f"{help} (default: {default})")
+            p.add_argument(flag, type=check or str, default=default, metavar=type(default).__name__.upper(), help=help)
+
+
+def at_least(k):
+    """An integer >= k (a covariance needs at least 2 samples)."""
+    return ranged(int, lambda v: v >= k, f"an integer >= {k}")
+
+
+def interval_arg(text):
+    """'LO,HI' with 0 <= LO < HI (HI may be inf): the noise levels between which guidance applies."""
+    try:
+        lo, hi = (float(v) for v in text.split(","))
+    except ValueError:
+        lo = hi = math.nan
+    if not 0 <= lo < hi:
+        raise argparse.ArgumentTypeError(f"must be LO,HI with 0 <= LO < HI (HI may be inf), got {text!r}")
+    return lo, hi
 
 
 def add_sampling_args(p):
     """The flags `sample` and `evaluate` share."""
     p.add_argument("--ckpt", required=True, help="checkpoint (RUN/ckpt.pt); its EMA weights are used")
-    p.add_argument("--steps", type=int, default=50, help="DDIM steps (default: 50)")
-    p.add_argument("--cfg", type=float, default=1.0, help="classifier-free guidance scale w; 1 = no guidance (default: 1)")
-    p.add_argument("--cfg-rescale", type=float, default=0.0, help="guidance rescale phi in [0, 1] (default: 0)")
-    p.add_argument("--eta", type=float, default=0.0, help="0 = deterministic DDIM, 1 = ancestral (default: 0)")
+    p.add_argument("--steps", type=POS_INT, default=50, help="DDIM steps, at most the model's T (default: 50)")
+    p.add_argument("--cfg", type=NONNEG_FLOAT, default=1.0, help="classifier-free guidance scale w; 1 = no guidance (default: 1)")
+    p.add_argument("--cfg-rescale", type=UNIT, default=0.0, help="guidance rescale phi in [0, 1] (default: 0)")
+    p.add_argument("--cfg-interval", type=interval_arg, default=(0.0, math.inf), metavar="LO,HI",
+                   help="guide only at noise levels sigma_t/alpha_t in (LO, HI] (Kynkaanniemi et al. 2024; "
+                        "default: 0,inf = every step)")
+    p.add_argument("--eta", type=UNIT, default=0.0, help="0 = deterministic DDIM, 1 = ancestral (default: 0)")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"], help="timestep spacing (default: trailing)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the initial noise (default: 0)")
-    p.add_argument("--batch", type=int, default=None, help="images per sampling batch (default: 64 on CPU, 256 on GPU)")
-    p.add_argument("--device", default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=ANY_INT, default=0, help="seed of the initial noise (default: 0)")
+    p.add_argument("--batch", type=POS_INT, default=256, help="images per sampling call; each forward is chunked to "
+                   "the device's efficient size (default: 256)")
+    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available, else cpu)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast precision (default: auto)")
 
 
 def build_parser():
-    """The command line: train, sample, evaluate, reproduce, bench."""
+    """The command line: train, sample, evaluate, reproduce, bench. Every numeric flag's range is its type."""
     parser = Parser(prog="perceptual_diffusion.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    add_train_args(sub.add_parser("train", help="train a model (stage 1: --loss mse; stage 2: --loss self-perceptual --init)"))
+    p = sub.add_parser("train", help="train a model (stage 1: --loss mse; stage 2: --loss self-perceptual --init)")
+    add_train_args(p)
+    p.add_argument("--estimate", action="store_true", help="time a few steps and print the projected training time; train nothing")
     p = sub.add_parser("sample", help="sample a grid (PNG) and/or an .npz from a checkpoint")
     add_sampling_args(p)
-    p.add_argument("--n", type=int, default=64, help="number of samples (default: 64)")
-    p.add_argument("--label", type=int, default=None, help="class of every sample (default: cycle through the classes)")
-    p.add_argument("--out", default="grid.png", help="PNG grid to write (default: grid.png; '' for none)")
+    p.add_argument("--n", type=POS_INT, default=64, help="number of samples (default: 64)")
+    p.add_argument("--label", type=NONNEG_INT, default=None, help="class of every sample; num_classes = the null "
+                   "label, i.e. unconditional (default: cycle through the classes)")
+    p.add_argument("--out", default="grid.png", help="image grid to write (default: grid.png; '' for none)")
     p.add_argument("--npz", default="", help="also write uint8 NHWC images (arr_0) and labels, as FID tools read")
-    p = sub.add_parser("evaluate", help="Frechet distance (and conditional accuracy or IS) of a checkpoint's samples")
+    p = sub.add_parser("evaluate", help="Frechet distances, conditional accuracy (or IS) and pixel statistics of a checkpoint's samples, with 95% intervals")
     add_sampling_args(p)
-    p.add_argument("--n", type=int, default=1000, help="number of samples (default: 1000)")
-    p.add_argument("--features", default="classifier", choices=["classifier", "inception"],
-                   help="feature network: classifier (trained here, offline) or inception (downloads weights)")
-    p.add_argument("--real-n", type=int, default=2000, help="real images for the reference statistics (default: 2000)")
-    p.add_argument("--classifier-steps", type=int, default=600, help="training steps of the classifier ruler (default: 600)")
+    p.add_argument("--n", type=at_least(2), default=1000, help="number of samples (default: 1000)")
+    p.add_argument("--label", type=NONNEG_INT, default=None, help="as for sample (num_classes: unconditional)")
+    p.add_argument("--features", default="classifier", choices=["classifier", "inception", "fid"],
+                   help="first feature network: classifier (trained here, offline), inception (torchvision's weights, "
+                        "downloads) or fid (standard FID: optional package pytorch-fid); the second is always fixed "
+                        "random features")
+    p.add_argument("--real-n", type=at_least(2), default=2000, help="real images for the reference statistics (default: 2000)")
+    p.add_argument("--classifier-steps", type=POS_INT, default=600, help="training steps of the classifier ruler (default: 600)")
+    p.add_argument("--resamples", type=at_least(20), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
     p.add_argument("--json", default="", help="also write the result, with its protocol, to this JSON file")
-    p = sub.add_parser("reproduce", help="the paper's comparison: train both stages, evaluate five rows, write a table and a picture")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (<= 20 min on 2 cores), cifar10 (one GPU), smoke (seconds)")
-    p.add_argument("--out", default="runs/reproduce", help="run folder (default: runs/reproduce)")
-    p.add_argument("--device", default=None, help="device (default: cuda when available, else cpu)")
-    p.add_argument("--seed", type=int, default=0, help="seed of training and evaluation (default: 0)")
-    p.add_argument("--stage1-steps", type=int, default=None, help="override the preset's stage-1 (MSE) steps")
-    p.add_argument("--stage2-steps", type=int, default=None, help="override the preset's stage-2 steps (and the control's)")
-    p.add_argument("--eval-n", type=int, default=None, help="override the preset's samples per row")
+    p = sub.add_parser("reproduce", help="the paper's comparison: train both stages, evaluate every row, write tables and pictures")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (default), cpu-long (<= 60 min on 2 cores), "
+                   "cifar10 (one GPU), smoke (seconds)")
+    p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
+    p.add_argument("--device", type=DEVICE, default=None, help="device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
+    p.add_argument("--stage1-steps", type=POS_INT, default=None, help="override the preset's stage-1 (MSE) steps")
+    p.add_argument("--stage2-steps", type=POS_INT, default=None, help="override the preset's stage-2 steps (and the control's)")
+    p.add_argument("--eval-n", type=at_least(2), default=None, help="override the preset's samples per row")
+    p.add_argument("--ablations", action="store_true", help="also train and evaluate the paper's ablations of the "
+                   "self-perceptual objective; writes ablations.md and ablations.json")
+    p.add_argument("--estimate", action="store_true", help="time a few steps of each stage and of sampling and print "
+                   "the projected wall time; train nothing")
     p = sub.add_parser("bench", help="parameters, training and sampling images/s for the model flags")
     add_train_args(p, {"image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
                        "batch_size", "device", "precision", "compile"})
-    p.add_argument("--iters", type=int, default=5, help="timed training steps per objective (default: 5)")
+    p.add_argument("--iters", type=POS_INT, default=5, help="timed training steps per objective (default: 5)")
+    p.add_argument("--cfg-interval", type=interval_arg, default=(0.28, 5.42), metavar="LO,HI",
+                   help="the guidance interval whose cost is reported (default: 0.28,5.42, Kynkaanniemi et al.'s)")
     return parser
 
 
 def load_for_sampling(args):
     """The EMA model of a checkpoint, on args.device, with the label and guidance flags checked."""
-    if args.device.startswith("cuda") and not torch.cuda.is_available():
-        raise UsageError(f"--device {args.device}: CUDA is not available on this machine")
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt).to(args.device).eval()
-    if getattr(args, "label", None) is not None and not 0 <= args.label < model.num_classes:
-        raise UsageError(f"--label {args.label} is outside 0..{model.num_classes - 1}" if model.num_classes else
-                         "--label: this model is unconditional")
+    if args.label is not None and not 0 <= args.label <= model.num_classes:
+        raise UsageError(f"--label {args.label} is outside 0..{model.num_classes} ({model.num_classes}: unconditional)"
+                         if model.num_classes else "--label: this model is unconditional")
     if args.cfg != 1.0 and not model.num_classes:
         raise UsageError("--cfg: guidance needs a class-conditional model, this one is unconditional")
-    if not 0 <= args.cfg_rescale <= 1 or args.steps < 1 or args.steps > ckpt["config"]["T"]:
-        raise UsageError(f"--cfg-rescale must be in [0, 1] and --steps in 1..{ckpt['config']['T']}")
+    if args.steps > ckpt["config"]["T"]:
+        raise UsageError(f"argument --steps: must be at most the model's T = {ckpt['config']['T']}, got {args.steps}")
     return ckpt, model
 
 
@@ -1343,50 +1998,68 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
     parser = build_parser()
-    args = parser.parse_args(argv or ["reproduce"])
-    if args.command is None:
-        parser.error("a command is needed: train, sample, evaluate, reproduce or bench")
+    try:
+        args = parser.parse_args(argv or ["reproduce"])
+        if args.command is None:
+            parser.error("a command is needed: train, sample, evaluate, reproduce or bench")
+    except SystemExit as e:                                        # a bad flag (one line already printed), or --help
+        return e.code
     try:
         if args.command == "train":
             cfg = vars(args).copy()
             cfg.pop("command")
+            if cfg.pop("estimate"):
+                check_config(cfg)
+                t = step_times(cfg, iters=3, sample_steps=1)
+                print(f"estimate: {cfg['steps']} {cfg['loss']} steps at {t[cfg['loss']]:.3f} s each (measured over 3 "
+                      f"steps on {cfg['device']}): {cfg['steps'] * t[cfg['loss']] / 60:.1f} min of training")
+                return 0
             train(cfg)
             if dist.is_initialized():
                 dist.barrier()                                     # no rank tears down while another still talks
                 dist.destroy_process_group()
         elif args.command == "sample":
+            for flag, path, exts in (("--out", args.out, image_extensions()), ("--npz", args.npz, [".npz"])):
+                if path:
+                    writable_file(path, flag, exts)                # before the model is loaded or sampled
             ckpt, model = load_for_sampling(args)
             x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale,
-                            args.eta, args.spacing, args.seed, args.batch, args.precision, args.label)
-            if args.out:
-                save_grid(x, args.out, nrow=max(model.num_classes, 8) if args.label is None else 8)
-            if args.npz:
-                labels = y.numpy() if y is not None else np.zeros(args.n, np.int64)
-                np.savez(args.npz, arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy(), labels=labels)
+                            args.eta, args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval)
+            save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
             print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
         elif args.command == "evaluate":
+            if args.json:
+                writable_file(args.json, "--json", [".json"])
             ckpt, model = load_for_sampling(args)
             c = ckpt["config"]
             ruler = Ruler(args.features, c["data"], c["data_dir"], c["image_size"], c["data_seed"], args.real_n,
                           torch.device(args.device), cache=os.path.join(os.path.dirname(args.ckpt) or ".", "classifier.pt"),
                           classifier_steps=args.classifier_steps)
-            res = evaluate_model(model, schedule_from(c), ruler, args.n, args.steps, args.cfg, args.cfg_rescale,
-                                 args.eta, args.spacing, args.seed, args.batch, args.precision)
+            res, _ = evaluate_model(model, schedule_from(c), ruler, args.n, args.steps, args.cfg, args.cfg_rescale,
+                                    args.eta, args.spacing, args.seed, args.batch, args.precision, args.label,
+                                    args.resamples, args.cfg_interval)
             res["checkpoint"], res["train_steps"] = args.ckpt, ckpt["step"]
             print(json.dumps(res))
             if args.json:
-                with open(args.json, "w") as f:
-                    json.dump(res, f, indent=1)
+                try:
+                    with open(args.json, "w") as f:
+                        json.dump(res, f, indent=1)
+                except OSError as e:
+                    raise OSError(f"could not write --json {args.json!r} ({e.strerror or e}); the result is the "
+                                  f"JSON line printed above")
+        elif args.command == "reproduce" and args.estimate:
+            estimate(args.preset, args.device, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
+                     eval_n=args.eval_n)
         elif args.command == "reproduce":
-            reproduce(args.preset, args.out, args.device, args.seed, stage1_steps=args.stage1_steps,
-                      stage2_steps=args.stage2_steps, eval_n=args.eval_n)
+            reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations,
+                      stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n)
         elif args.command == "bench":
             cfg = vars(args).copy()
             bench(cfg, cfg.pop("iters"))
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except FloatingPointError as e:
+    except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
         print(f"error: {e}", file=sys.stderr)
         return 1
     return 0
