@@ -752,12 +752,18 @@ def schedule_from(cfg):
     return Schedule(cfg["T"], cfg["betas"], zero_terminal_snr=True)
 
 
-def autocast(device, precision):
-    """bf16 autocast where asked (auto: CUDA with bf16 support), else a no-op."""
-    dev = torch.device(device).type
+def resolve_precision(device, precision):
+    """auto -> bf16 on CUDA with bf16 support, fp32 elsewhere (on a CPU without native bf16, bf16 is ~15x slower)."""
     if precision == "auto":
-        precision = "bf16" if dev == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
-    return torch.autocast(dev, dtype=torch.bfloat16) if precision == "bf16" else nullcontext()
+        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    return precision
+
+
+def autocast(device, precision):
+    """bf16 autocast where asked (see resolve_precision), else a no-op."""
+    if resolve_precision(device, precision) == "bf16":
+        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+    return nullcontext()
 
 
 def distributed():
@@ -1214,7 +1220,8 @@ class Ruler:
     """What every number is measured with: two feature networks that share nothing (the first: the classifier,
     or Inception; the second: RandomFeatures), pixel statistics, and the statistics of `real_n` held-out real
     images, with the protocol written down beside them. features="classifier" trains (or reuses, from `cache`)
-    the small CNN; features="inception" needs torchvision's downloaded weights. Every number comes with a 95%
+    the small CNN; features="inception" needs torchvision's downloaded weights, "fid" the package pytorch-fid
+    (standard FID, against the whole training split's statistics). Every number comes with a 95%
     bootstrap interval over the samples (the real statistics are held fixed: every row shares them)."""
 
     def __init__(self, features, data, data_dir, image_size, data_seed, real_n, device, cache=None,
@@ -1451,7 +1458,9 @@ def run_stage(cfg, log, fresh=False):
         log(f"training {cfg['out']} anew: its stage 1 was trained in this run")
     elif os.path.isfile(path):
         ckpt = load_checkpoint(path)
-        other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps"} and ckpt["config"].get(k) != v)
+        saved = {**ckpt["config"], "precision": resolve_precision(cfg["device"], ckpt["config"].get("precision"))}
+        cfg["precision"] = resolve_precision(cfg["device"], cfg["precision"])  # "auto" (train --resume's default) = what it ran as
+        other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps"} and saved.get(k) != v)
         if other or ckpt["step"] > cfg["steps"]:
             raise UsageError(f"{cfg['out']} holds a run of another configuration ({', '.join(other) or 'more steps'}"
                              f" differ): use another --out, or remove that folder")
