@@ -141,8 +141,7 @@ class Schedule:
 # =================================================================================================
 
 def norm(c):
-    """GroupNorm with up to 32 groups of at least 4 channels (DDPM uses 32 groups; small models have fewer
-    channels), the group count a divisor of c."""
+    """GroupNorm with up to 32 groups (DDPM's) of at least 4 channels, the group count a divisor of c."""
     g = max(1, min(32, c // 4))
     while c % g:
         g -= 1
@@ -325,11 +324,9 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
     perceptual_net is a frozen copy of the stage-1 model (see frozen_copy). Its parameters get no gradient,
     but the gradient must flow *through* it into x_hat_t' and so into f_theta: only the real branch may run
     under no_grad. (Wrapping both branches in no_grad trains nothing.)
-    The paper's ablations, each keyword's default being the paper's choice: features="all" compares every
-    block's output, each layer's term divided by the real features' own size so that no layer dominates by
-    scale; t_prime_mode="same" sets t' = t, which is degenerate: x0_hat and eps_hat decompose x_t exactly, so
-    x_hat_t = x_t for ANY prediction and the loss is 0 up to rounding; distance="mae" is the mean absolute
-    difference. (The fourth ablation, an EMA perceptual network, is which network train() passes.)"""
+    Ablations (defaults = the paper's): features="all" averages every block's term, each divided by the real
+    features' own size; t_prime_mode="same" (t' = t) is degenerate: x0_hat, eps_hat decompose x_t exactly, so
+    x_hat_t = x_t for ANY prediction and the loss is 0; distance="mae". (An EMA f* is train()'s choice.)"""
     t, eps = draw_t_eps(schedule, x0, t, eps)
     x_t = schedule.q_sample(x0, t, eps)
     x0_hat, eps_hat = schedule.pred_to_x0_eps(x_t, model(x_t, t, y).float(), t)
@@ -362,9 +359,8 @@ def objective(loss, model, perceptual_net, schedule, **ablation):
 # =================================================================================================
 
 def max_forward_batch(device):
-    """The largest batch one forward pass should take on `device`. A CPU runs a batch of 128 slower per image than
-    two of 64 (measured, README: Speed), so guidance's 2N images run in chunks of 64 there; a GPU takes any batch.
-    Every sampling path goes through this one number."""
+    """The largest batch one forward pass should take: a CPU runs a batch of 128 slower per image than two of 64
+    (README: Speed), a GPU takes any batch. Every sampling path goes through this one number."""
     return 64 if torch.device(device).type == "cpu" else None
 
 
@@ -406,10 +402,9 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
     """DDIM (Song et al. 2021) with v-prediction. model_fn(x, t, y) -> v is any callable with a `num_classes`
     attribute. x_T = `noise` (drawn from `generator` on the CPU when None, so results do not depend on the
     device). eta = 0 is deterministic DDIM, eta = 1 the DDPM-like ancestral sampler. The step after the last
-    timestep goes to "t = -1" where alpha_bar = 1, so the sampler lands on x0_hat.
-    Guidance applies only at steps whose noise level edm_sigma(t) lies in cfg_interval = (lo, hi] (Kynkaenniemi
-    et al. 2024, "Applying guidance in a limited interval"); elsewhere a step costs one forward of N. The
-    default (0, inf] guides every step, the first one (t = T-1, sigma = inf) included."""
+    timestep goes to "t = -1" where alpha_bar = 1, so the sampler lands on x0_hat. Guidance applies only where
+    edm_sigma(t) is in cfg_interval = (lo, hi] (Kynkaenniemi et al. 2024); elsewhere a step is one forward of N.
+    The default (0, inf] guides every step, the first (t = T-1, sigma = inf) included."""
     if y is None and cfg_scale != 1.0:
         raise ValueError("classifier-free guidance needs labels y")
     params = getattr(model_fn, "parameters", None)
