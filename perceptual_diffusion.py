@@ -1433,15 +1433,6 @@ VERDICT_METRICS = [("fd", "Frechet distance, 1st ruler", -1), ("fd_random", "Fre
 BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out"}
 
 
-def paired(a, b, boot_a, boot_b, key, sign):
-    """The paired difference a - b of one metric with its 95% interval, and the verdict it supports (sign -1:
-    lower is better)."""
-    d, ci = a[key] - b[key], interval(a[key] - b[key], boot_a[key] - boot_b[key])
-    if ci[0] <= 0 <= ci[1]:
-        return d, ci, "not distinguishable at this sample size"
-    return d, ci, "a better" if (d > 0) == (sign > 0) else "b better"
-
-
 def run_stage(cfg, log, fresh=False):
     """train(cfg), except that a finished run of the same configuration in cfg["out"] is reused and an
     interrupted one is resumed: rerunning reproduce, or adding --ablations, never retrains a finished stage.
@@ -1630,13 +1621,16 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
 
 
 def verdict(a, b, what, rows, boots):
-    """The paired verdicts of row a against row b, one per metric both rows have."""
+    """The paired verdicts of row a against row b, one per metric both rows have: the difference a - b, its 95%
+    paired bootstrap interval, and the verdict it supports (sign -1: lower is better)."""
     out = {"a": a, "b": b, "what": what}
     for key, _, sign in VERDICT_METRICS:
         if key in rows[a] and key in rows[b]:
-            d, ci, word = paired(rows[a], rows[b], boots[a], boots[b], key, sign)
-            out[key] = {"diff": d, "ci": ci, "verdict": word.replace("a better", f"row {a} better")
-                        .replace("b better", f"row {b} better")}
+            d = rows[a][key] - rows[b][key]
+            ci = interval(d, boots[a][key] - boots[b][key])
+            word = ("not distinguishable at this sample size" if ci[0] <= 0 <= ci[1] else
+                    f"row {a if (d > 0) == (sign > 0) else b} better")
+            out[key] = {"diff": d, "ci": ci, "verdict": word}
     return out
 
 
