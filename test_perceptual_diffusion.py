@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
@@ -101,6 +102,27 @@ def test_timesteps_match_published_definitions_on_known_cases():
     assert s.timesteps(1000, "trailing").tolist() == list(range(999, -1, -1))
     with pytest.raises(ValueError):
         s.timesteps(10, "sideways")
+
+
+@pytest.mark.parametrize("spacing", ["trailing", "leading", "linspace"])
+def test_every_step_count_gives_exactly_that_many_strictly_decreasing_timesteps_in_range(spacing):
+    s = pd.Schedule(1000)
+    for steps in range(1, 1001):
+        t = s.timesteps(steps, spacing)
+        assert len(t) == steps, (spacing, steps)
+        assert t.min() >= 0 and t.max() <= 999 and (t[1:] < t[:-1]).all(), (spacing, steps)
+        if spacing == "trailing":
+            assert t[0] == 999                                    # starts where the model saw pure noise
+
+
+def test_sampler_at_61_steps_ends_like_60_steps_not_on_a_pure_noise_step():
+    # 61 was one of the 62 step counts whose trailing list ended at t = -1 (alpha_bar[-1] = 0): the last step
+    # then read a nearly clean image as pure noise and returned std 0.000 with an exact denoiser.
+    s, mu, std = pd.Schedule(1000, "linear"), 0.0, 0.3
+    noise = torch.randn(500, 3, 4, 4, generator=torch.Generator().manual_seed(0))
+    for steps in (60, 61, 103):
+        x = pd.sample(GaussianDenoiser(s, mu, std), s, noise.shape, steps=steps, noise=noise)
+        assert x.std().item() == pytest.approx(0.275, abs=0.02), steps
 
 
 # ------------------------------------------- model --------------------------------------------
@@ -246,16 +268,28 @@ def test_ablation_all_layers_averages_every_down_and_mid_block_each_normalised_b
     got = pd.self_perceptual_loss(model, f, s, x0, y, t, tp, eps, features="all")
     assert calls == []                                             # no up path
     [h.remove() for h in hooks]
-    x0_hat, eps_hat = s.pred_to_x0_eps(s.q_sample(x0, t, eps), model(s.q_sample(x0, t, eps), t, y), t)
-    real = f.features(s.q_sample(x0, tp, eps), tp, y, "all")
-    pred = f.features(s.q_sample(x0_hat, tp, eps_hat), tp, y, "all")
-    expected = sum(F.mse_loss(p, r) / (r ** 2).mean() for p, r in zip(pred, real)) / len(real)
-    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
-    # scaling one layer's features does not change its share: each term is relative to its own size
-    scaled = [r * (10.0 if i == 0 else 1.0) for i, r in enumerate(real)]
-    pred_scaled = [p * (10.0 if i == 0 else 1.0) for i, p in enumerate(pred)]
-    again = sum(F.mse_loss(p, r) / (r ** 2).mean() for p, r in zip(pred_scaled, scaled)) / len(real)
-    assert again.item() == pytest.approx(expected.item(), rel=1e-5)
+    assert got.item() > 0
+
+
+class ScaledLayers:
+    """A perceptual network whose "all" features are the input itself at the given scales, one layer each."""
+
+    def __init__(self, scales):
+        self.scales = scales
+
+    def features(self, x, t, y, layers="mid"):
+        return [k * x for k in self.scales]
+
+
+def test_all_layers_loss_weighs_every_layer_equally_whatever_its_scale():
+    # Each term is divided by its real features' mean square: a layer 10^4 times larger does not dominate, and
+    # the loss equals one layer's relative error. Unnormalised, the 10^4 layer would be ~10^8 times the others.
+    model, s = tiny_unet(), pd.Schedule(1000)
+    x0, eps, y, t, tp = torch.randn(2, 3, 8, 8), torch.randn(2, 3, 8, 8), torch.tensor([1, 2]), torch.tensor([100, 800]), torch.tensor([600, 50])
+    loss = lambda scales: pd.self_perceptual_loss(model, ScaledLayers(scales), s, x0, y, t, tp, eps, features="all").item()
+    one = loss((1.0,))
+    assert one > 0.01
+    assert loss((1.0, 100.0, 1e4)) == pytest.approx(one, rel=1e-4)
 
 
 @pytest.fixture(scope="module")
@@ -365,6 +399,7 @@ def test_guidance_interval_spends_two_forwards_only_at_steps_whose_noise_level_i
     lo, hi = 0.5, 3.0
     pd.sample(model, s, noise.shape, y, steps=20, cfg_scale=2.0, noise=noise, cfg_interval=(lo, hi))
     sigmas = [pd.edm_sigma(s.alpha_bar[t].item()) for t in s.timesteps(20).tolist()]
+    assert pd.edm_sigma(0.5) == 1 and pd.edm_sigma(0.2) == pytest.approx(2) and pd.edm_sigma(1.0) == 0
     assert sigmas[0] == math.inf                                  # zero terminal SNR: the first step is pure noise
     inside = [lo < sg <= hi for sg in sigmas]
     assert 0 < sum(inside) < 20
@@ -687,6 +722,70 @@ def test_init_checkpoint_with_other_model_config_is_a_usage_error(tmp_path, caps
     assert "has channels=8 but this run asks for channels=16" in capsys.readouterr().err
 
 
+def test_init_checkpoint_on_another_noise_schedule_is_a_usage_error(tmp_path, capsys):
+    tiny_train(tmp_path)
+    argv = ["train", "--loss", "self-perceptual", "--init", str(tmp_path / "run" / "ckpt.pt"), "--out",
+            str(tmp_path / "sp"), *TINY_FLAGS, "--betas", "cosine"]
+    assert pd.main(argv) == 2
+    assert "has betas=scaled_linear but this run asks for betas=cosine" in capsys.readouterr().err
+
+
+def recording_objective(monkeypatch, seen, constant=None):
+    """pd.objective, recording every label batch it is given (and returning `constant` as the loss, if set)."""
+    real = pd.objective
+
+    def wrapped(*a, **kw):
+        loss_of = real(*a, **kw)
+
+        def f(x0, y):
+            seen.append(y.clone())
+            loss = loss_of(x0, y)
+            return loss if constant is None else loss * 0 + constant
+        return f
+    monkeypatch.setattr(pd, "objective", wrapped)
+
+
+def test_label_dropout_replaces_labels_by_the_null_label_at_its_rate(tmp_path, monkeypatch):
+    seen = []
+    recording_objective(monkeypatch, seen)
+    tiny_train(tmp_path, steps=20, batch_size=64, label_dropout=0.3)
+    y = torch.cat(seen)                                            # 1280 labels; sd of the share 0.013
+    assert (y == 10).float().mean().item() == pytest.approx(0.3, abs=0.045)
+    assert ((y >= 0) & (y <= 10)).all()
+    seen.clear()
+    tiny_train(tmp_path, "none", steps=3, label_dropout=0.0)
+    assert not (torch.cat(seen) == 10).any()
+
+
+def test_ema_warm_up_averages_the_first_step_with_decay_one_tenth(tmp_path):
+    # decay = min(ema_decay, (1 + step) / (10 + step)): 0.1 at step 0, so EMA = 0.1 init + 0.9 weights after it.
+    ema, stats = tiny_train(tmp_path, steps=1, ema_decay=0.999)
+    cfg = stats["config"]
+    torch.manual_seed(cfg["seed"])
+    init = pd.UNet(**pd.model_kwargs(cfg))
+    for p_ema, p0, p1 in zip(ema.parameters(), init.parameters(), stats["model"].parameters()):
+        assert torch.allclose(p_ema, 0.1 * p0 + 0.9 * p1, atol=1e-6)
+    assert not all(torch.equal(p0, p1) for p0, p1 in zip(init.parameters(), stats["model"].parameters()))
+
+
+def test_logged_loss_after_a_resume_is_the_mean_over_the_steps_since_the_last_line(tmp_path, monkeypatch):
+    recording_objective(monkeypatch, [], constant=1.0)            # every step's loss is exactly 1
+    tiny_train(tmp_path, steps=3, log_every=5)
+    logs = []
+    pd.train({**TINY_CFG, "resume": str(tmp_path / "run"), "steps": 15, "log_every": 5}, log=logs.append)
+    losses = [line.split("loss ")[1].split(" ")[0] for line in logs if line.startswith("step")]
+    assert losses == ["1.0000"] * 3                               # steps 5, 10, 15 (after the resume at 3)
+
+
+def test_stage_2_checkpoint_records_its_origin_and_total_steps(tmp_path):
+    tiny_train(tmp_path, "mse", steps=2)
+    init = str(tmp_path / "mse" / "ckpt.pt")
+    tiny_train(tmp_path, "sp", steps=3, loss="self-perceptual", init=init)
+    sp, stage1 = pd.load_checkpoint(str(tmp_path / "sp" / "ckpt.pt")), pd.load_checkpoint(init)
+    assert sp["origin"] == {"init_steps": 2, "init_hash": pd.weights_hash(stage1["ema"])}
+    assert sp["total_steps"] == 5 and stage1["total_steps"] == 2 and stage1["origin"] is None
+
+
 def test_resume_refuses_to_change_the_model(tmp_path, capsys):
     tiny_train(tmp_path)
     assert pd.main(["train", "--resume", str(tmp_path / "run"), "--steps", "5", "--lr", "0.5"]) == 2
@@ -758,19 +857,21 @@ def test_inception_score_is_one_for_constant_and_k_for_uniform_confident_predict
 
 
 def test_classifier_ruler_runs_offline_and_is_cached(tmp_path):
-    cache = str(tmp_path / "classifier.pt")
-    ruler = pd.Ruler("classifier", "shapes", "data", 16, 0, 200, torch.device("cpu"), cache=cache, classifier_steps=30,
+    data_dir = str(tmp_path / "data")
+    ruler = pd.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
                      log=lambda s: None)
+    cache = pd.cache_path(data_dir, "classifier30", "shapes", 16, 0)             # keyed by data, size, seed, steps
     assert os.path.isfile(cache) and 0 <= ruler.protocol["classifier_accuracy_on_real"] <= 1
+    assert ruler.protocol["ruler"] == os.path.basename(cache)
     real, y, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
     res, _ = ruler.measure(pd.to_model_range(real[:200]), y[:200], resamples=50)
     assert abs(res["fd"]) < 1e-6 and abs(res["fd_random"]) < 1e-6
     assert res["cond_acc"] == pytest.approx(ruler.protocol["classifier_accuracy_on_real"])
     assert res["saturation"] == pytest.approx(ruler.real_values["saturation"])
     noise, _ = ruler.measure(torch.rand(200, 3, 16, 16) * 2 - 1, y[:200], resamples=50)
-    assert noise["fd"] > 1.0 and noise["fd_ci"][0] < noise["fd"] < noise["fd_ci"][1]
-    again = pd.Ruler("classifier", "shapes", "data", 16, 0, 200, torch.device("cpu"), cache=cache, classifier_steps=30,
-                     log=lambda s: pytest.fail("retrained instead of reusing the cache"))
+    assert noise["fd_ci"][0] > 1.0 and noise["kid_ci"][0] > 0 and noise["fd_random_ci"][0] > 0   # far from real
+    again = pd.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
+                     log=lambda s: "classifier step" in s and pytest.fail("retrained instead of reusing the cache"))
     assert torch.equal(again.real_stats["classifier"][0], ruler.real_stats["classifier"][0])
 
 
@@ -802,10 +903,96 @@ def test_paired_interval_contains_zero_for_one_distribution_and_excludes_it_for_
     assert hi < 0
 
 
+def test_kid_is_about_zero_for_one_distribution_and_its_interval_excludes_zero_for_two():
+    g = torch.Generator().manual_seed(0)
+    ref, a = torch.randn(2000, 16, generator=g, dtype=torch.float64), torch.randn(600, 16, generator=g, dtype=torch.float64)
+    w = pd.bootstrap_weights(600, 500, seed=1)
+    same = pd.resampled_kid(a, w, ref, pd.kid_real_term(ref))
+    lo, hi = pd.interval(same[0], same[1:])
+    assert lo < 0 < hi and abs(same[0]) < 0.01
+    # The plug-in Frechet distance of the same two samples is clearly positive: the bias KID does not have.
+    assert pd.resampled_fd(a, w[:1], (*pd.feature_stats(ref), pd.sqrtm_psd(pd.feature_stats(ref)[1])))[0] > 0.1
+    other = pd.resampled_kid(1.2 * a + 0.1, w, ref, pd.kid_real_term(ref))
+    assert pd.interval(other[0], other[1:])[0] > 0
+
+
+def test_kid_of_a_resample_leaves_out_pairs_of_copies_and_matches_the_written_out_u_statistic():
+    g = torch.Generator().manual_seed(2)
+    a, ref = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
+    w = pd.bootstrap_weights(30, 3, seed=0)
+    got = pd.resampled_kid(a, w, ref, pd.kid_real_term(ref), block=7)          # blocks that do not divide n
+    for row in range(4):
+        idx = torch.repeat_interleave(torch.arange(30), w[row].long())        # the resample written out
+        K = pd.cubic_kernel(a[idx], a[idx])
+        same = idx[:, None] == idx[None, :]                                     # pairs of copies of one original
+        within = K[~same].sum() / (900 - (w[row] ** 2).sum())
+        Kr = pd.cubic_kernel(ref, ref)
+        expected = within + (Kr.sum() - Kr.trace()) / (40 * 39) - 2 * pd.cubic_kernel(a[idx], ref).mean()
+        assert got[row].item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_resampled_frechet_distance_equals_the_direct_one_and_its_memory_stays_under_the_stated_bound():
+    g = torch.Generator().manual_seed(0)
+    f, ref = torch.randn(300, 8, generator=g, dtype=torch.float64), torch.randn(500, 8, generator=g, dtype=torch.float64)
+    mu, cov = pd.feature_stats(ref)
+    w = pd.bootstrap_weights(300, 20, seed=0)
+    chunked = pd.resampled_fd(f, w, (mu, cov, pd.sqrtm_psd(cov)), budget=1)      # one resample per chunk
+    assert torch.allclose(chunked, pd.frechet_distances(*pd.feature_stats(f, w), mu, cov), rtol=1e-9)
+    # D = 512, n = 1000, 200 resamples: all at once it peaks at 2.0 GB (measured). With a 64 MiB budget the
+    # docstring's bound is 8 c (n D + 3 D^2) <= 64 MiB. Measured in a subprocess as the growth of its peak resident
+    # memory (Linux: VmHWM, reset through clear_refs), with large blocks given back to the system when freed.
+    code = """
+import torch, perceptual_diffusion as pd
+kb = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])
+g = torch.Generator().manual_seed(0)
+f = torch.randn(1000, 512, generator=g, dtype=torch.float64)
+ref = (f.mean(0), torch.eye(512, dtype=torch.float64), torch.eye(512, dtype=torch.float64))
+w = pd.bootstrap_weights(1000, 200, 0)
+pd.resampled_fd(f[:50], w[:2, :50], ref)                      # load the kernels before measuring
+open('/proc/self/clear_refs', 'w').write('5')
+before = kb('VmRSS')
+pd.resampled_fd(f, w, ref, budget=64 * 2 ** 20)
+print((kb('VmHWM') - before) / 1024)"""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak memory is measured through Linux's /proc")
+    grown_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                                    cwd=os.path.dirname(os.path.abspath(pd.__file__))).stdout.split()[-1])
+    assert grown_mb < 64 + 16                                      # the budget, plus small temporaries
+
+
+def rows_and_boots(fd_a, fd_b, acc_a, acc_b):
+    """Two rows whose paired replicates differ by a fixed amount plus small noise: a clear verdict."""
+    g = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(200, generator=g, dtype=torch.float64)
+    rows = {1: {"fd": fd_a, "cond_acc": acc_a}, 2: {"fd": fd_b, "cond_acc": acc_b}}
+    boots = {1: {"fd": fd_a + noise, "cond_acc": acc_a + noise}, 2: {"fd": torch.full((200,), fd_b, dtype=torch.float64),
+                                                                    "cond_acc": torch.full((200,), acc_b, dtype=torch.float64)}}
+    return rows, boots
+
+
+def test_verdict_names_the_row_with_lower_distance_and_higher_accuracy_as_better():
+    v = pd.verdict(1, 2, "q", *rows_and_boots(fd_a=1.0, fd_b=2.0, acc_a=0.3, acc_b=0.6))
+    assert v["fd"]["verdict"] == "row 1 better" and v["fd"]["diff"] == pytest.approx(-1.0)
+    assert v["cond_acc"]["verdict"] == "row 2 better" and v["cond_acc"]["ci"][1] < 0
+    v = pd.verdict(1, 2, "q", *rows_and_boots(fd_a=2.0, fd_b=2.0, acc_a=0.6, acc_b=0.6))
+    assert v["fd"]["verdict"].startswith("not distinguishable")
+
+
+@pytest.mark.parametrize("diff, ci, expected", [
+    (-3.0, [-4.0, -2.0], "not converged"), (-0.2, [-0.3, -0.1], "under 10% but measurable"),
+    (-0.2, [-0.5, 0.1], "not distinguishable"), (4.0, [3.0, 5.0], "WORSE")])
+def test_convergence_line_follows_the_sign_and_size_of_the_controls_change(diff, ci, expected):
+    res = {"rows": [{"row": 1, "fd": 10.0, "train_steps": 100}, {"row": 2, "fd": 10.0 + diff, "train_steps": 120}],
+           "verdicts": [{"a": 2, "b": 1, "fd": {"diff": diff, "ci": ci}}]}
+    line = pd.convergence_line(res)
+    assert expected in line and f"{100 * diff / 10:+.0f}%" in line
+
+
 @pytest.fixture(scope="module")
 def shapes_ruler(tmp_path_factory):
-    return pd.Ruler("classifier", "shapes", "data", 16, 0, 500, torch.device("cpu"),
-                    cache=str(tmp_path_factory.mktemp("ruler") / "c.pt"), classifier_steps=150, log=lambda s: None)
+    return pd.Ruler("classifier", "shapes", str(tmp_path_factory.mktemp("ruler")), 16, 0, 500, torch.device("cpu"),
+                    classifier_steps=150, log=lambda s: None)
 
 
 def degrade(x, kind, strength):
@@ -959,7 +1146,7 @@ def test_reproduce_smoke_preset_writes_tables_pictures_unconditional_rows_and_ve
     assert rows[2]["train_steps"] == rows[1]["train_steps"] + 1                      # the fair control
     assert rows[3]["cfg_scale"] == data["guidance"][0] != 1
     assert all(rows[k]["label"] == 10 and "cond_acc" not in rows[k] for k in (6, 7, 8))  # the null label
-    assert all(r["fd_ci"][0] <= r["fd"] <= r["fd_ci"][1] and "fd_random_ci" in r for r in data["rows"])
+    assert all({"fd_ci", "fd_random_ci", "kid_ci", "kid_random_ci"} <= r.keys() for r in data["rows"])
     assert {(v["a"], v["b"]) for v in data["verdicts"]} >= {(4, 1), (4, 2), (2, 1), (8, 6), (8, 7)}
     assert [x["t"] for x in data["x0_hat"]][-1] == 999 and len(data["x0_hat"]) >= 4
     assert len(data["guidance_sweep"]) == 2
@@ -988,6 +1175,33 @@ def test_reproduce_rerun_gives_the_same_table_and_reuses_finished_stages(smoke_r
     assert key(again) == key(a) and sum("reusing the finished run" in line for line in logs) == 3
     with pytest.raises(pd.UsageError, match="another configuration"):
         pd.reproduce("smoke", str(out), device="cpu", seed=1, log=lambda s: None)
+
+
+def test_reproduce_retrains_stage_2_when_stage_1_was_continued_in_place(smoke_run, tmp_path):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "c")
+    pd.train({"resume": str(tmp_path / "c" / "mse"), "steps": 3}, log=lambda s: None)   # the learning-curve workflow
+    logs = []
+    res = pd.reproduce("smoke", str(tmp_path / "c"), device="cpu", stage1_steps=3, log=logs.append)
+    assert sum("reusing the finished run" in line for line in logs) == 1              # stage 1 alone
+    assert sum("training" in line and "anew" in line for line in logs) == 2           # the stage 2 and the control
+    rows = {r["row"]: r for r in res["rows"]}
+    assert rows[1]["train_steps"] == 3 and rows[2]["train_steps"] == rows[4]["train_steps"] == 4
+
+
+def test_reproduce_reuses_stages_trained_on_another_device(smoke_run, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "d")
+    for key in ("mse", "self-perceptual", "mse-continued"):
+        path = str(tmp_path / "d" / key / "ckpt.pt")
+        ckpt = pd.load_checkpoint(path)
+        ckpt["config"]["device"] = "cuda"                             # as if trained on a GPU
+        pd.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "kind"})
+    logs = []
+    pd.reproduce("smoke", str(tmp_path / "d"), device="cpu", log=logs.append)
+    assert sum("reusing the finished run" in line for line in logs) == 3
 
 
 def test_bench_reports_throughputs_and_ratios():
@@ -1028,3 +1242,49 @@ def test_ddp_two_cpu_ranks_end_with_identical_weights_and_one_checkpoint(tmp_pat
     ckpt = pd.load_checkpoint(str(tmp_path / "ddp" / "ckpt.pt"))
     model = pd.model_from_checkpoint(ckpt, "model")
     assert ckpt["step"] == 3 and torch.equal(params[0], torch.cat([p.flatten() for p in model.parameters()]))
+
+
+def _ddp_main_worker(rank, world, port, argv, report):
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    import contextlib
+    import io
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = pd.main(argv)
+    with open(f"{report}.{rank}", "w") as f:
+        json.dump({"code": code, "stderr": err.getvalue()}, f)
+
+
+@pytest.mark.parametrize("problem", ["unwritable --out", "missing --data"])
+def test_ddp_ranks_all_exit_with_one_line_when_the_output_or_the_data_is_bad(problem, tmp_path):
+    import socket
+    import torch.multiprocessing as mp
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    (tmp_path / "a_file").write_text("x")
+    bad = ["--out", str(tmp_path / "a_file" / "run")] if problem == "unwritable --out" else \
+          ["--out", str(tmp_path / "run"), "--data", str(tmp_path / "no_such_folder")]
+    argv = ["train", "--steps", "1", "--batch-size", "2", "--image-size", "8", "--channels", "8", *bad]
+    ctx = mp.start_processes(_ddp_main_worker, args=(2, port, argv, str(tmp_path / "report")), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 120
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:                                 # a rank waiting forever is the bug
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank did not exit")
+    for rank in (0, 1):
+        r = json.loads((tmp_path / f"report.{rank}").read_text())
+        assert r["code"] == 2 and r["stderr"].count("\n") == 1 and r["stderr"].startswith("error:"), (rank, r)
+
+
+def test_batches_give_each_rank_disjoint_indices_that_together_cover_the_epoch():
+    n, world, b = 40, 2, 4
+    ranks = [pd.Batches(n, b, rank, world, seed=3) for rank in range(world)]
+    per_epoch = ranks[0].per_epoch
+    seen = [torch.cat([r.indices(step) for step in range(per_epoch)]) for r in ranks]
+    assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
+    assert sorted(torch.cat(seen).tolist()) == list(range(n))     # 40 images = 2 ranks x 5 steps x 4
+    assert not torch.equal(ranks[0].indices(per_epoch), ranks[0].indices(0))   # a new epoch, a new order
