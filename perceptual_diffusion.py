@@ -375,16 +375,21 @@ def forward_chunked(model_fn, x, t, y, max_batch):
     return torch.cat([model_fn(xc, tc, yc).float() for xc, tc, yc in zip(x.split(max_batch), t.split(max_batch), ys)])
 
 
-def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, max_batch=None):
+def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, max_batch=None, guide=None):
     """v for one sampling step. Classifier-free guidance: v_cfg = v_uncond + w (v_cond - v_uncond), both
     halves in one batched forward of 2N (chunked to max_batch). Rescale (Common Diffusion, sec. 3.4):
     v_resc = v_cfg * std(v_cond) / std(v_cfg) per sample, then phi v_resc + (1 - phi) v_cfg. w = 1 costs a
-    single forward of N."""
+    single forward of N. With a `guide` (autoguidance, Karras et al. 2024): the same formula with the guide's
+    v in place of v_uncond, D_w = D_guide + w (D_main - D_guide), taken on v (linear in D at fixed x_t), with
+    the same label y (None or the null label: unconditional); N forwards of each network."""
     if cfg_scale == 1.0:
         return forward_chunked(model_fn, x, t, y, max_batch)
-    null = torch.full_like(y, model_fn.num_classes)
-    v_cond, v_uncond = forward_chunked(model_fn, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
-                                       max_batch).chunk(2)
+    if guide is not None:
+        v_cond, v_uncond = forward_chunked(model_fn, x, t, y, max_batch), forward_chunked(guide, x, t, y, max_batch)
+    else:
+        null = torch.full_like(y, model_fn.num_classes)
+        v_cond, v_uncond = forward_chunked(model_fn, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
+                                           max_batch).chunk(2)
     v_cfg = v_uncond + cfg_scale * (v_cond - v_uncond)
     if cfg_rescale > 0:
         dims = list(range(1, x.dim()))
@@ -401,14 +406,14 @@ def edm_sigma(alpha_bar_t):
 
 @torch.no_grad()
 def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
-           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), max_batch=None):
+           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), max_batch=None, guide=None):
     """DDIM (Song et al. 2021) with v-prediction. model_fn(x, t, y) -> v is any callable with a `num_classes`
     attribute. x_T = `noise` (drawn from `generator` on the CPU when None, so results do not depend on the
     device). eta = 0 is deterministic DDIM, eta = 1 the DDPM-like ancestral sampler. The step after the last
     timestep goes to "t = -1" where alpha_bar = 1, so the sampler lands on x0_hat. Guidance applies only where
     edm_sigma(t) is in cfg_interval = (lo, hi] (Kynkaenniemi et al. 2024); elsewhere a step is one forward of N.
-    The default (0, inf] guides every step, the first (t = T-1, sigma = inf) included."""
-    if y is None and cfg_scale != 1.0:
+    The default (0, inf] guides every step, the first (t = T-1, sigma = inf) included. `guide`: autoguidance."""
+    if y is None and cfg_scale != 1.0 and guide is None:
         raise ValueError("classifier-free guidance needs labels y")
     params = getattr(model_fn, "parameters", None)
     device = y.device if y is not None else next(params()).device if params else torch.device("cpu")
@@ -422,7 +427,7 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
         ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else 1.0
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         w = cfg_scale if lo < edm_sigma(ab_t) <= hi else 1.0
-        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, max_batch)
+        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, max_batch, guide)
         x0_hat, eps_hat = schedule.pred_to_x0_eps(x, v, t_batch)
         # DDIM eq. 12: sigma_eta^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev).
         var = eta ** 2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev) if eta > 0 else 0.0
@@ -710,8 +715,12 @@ TRAIN_ARGS = [
     ("perceptual_net", "frozen", ("frozen", "ema"), "f*: a frozen copy of stage 1, or the online model's EMA"),
     ("steps", 1000, POS_INT, "total training steps"),
     ("batch_size", 64, POS_INT, "global batch size (split over DDP ranks)"),
-    ("lr", 1e-3, POS_FLOAT, "AdamW learning rate after warm-up (constant after it, as in DiT)"),
+    ("lr", 1e-3, POS_FLOAT, "AdamW learning rate after warm-up"),
     ("warmup", 100, NONNEG_INT, "linear learning-rate warm-up steps"),
+    ("cooldown", 0.0, UNIT, "fraction of the steps at the end over which the rate decays to --final-lr as 1 - sqrt "
+     "(Hagele et al. 2024); 0 = constant after warm-up, as in DDPM and DiT"),
+    ("final_lr", 0.0, NONNEG_FLOAT, "the learning rate at the last step of a cool-down"),
+    ("guide_at", 0, NONNEG_INT, "also save the EMA weights at this step as guide.pt, a weaker model for autoguidance (0: none)"),
     ("weight_decay", 0.0, NONNEG_FLOAT, "AdamW weight decay"),
     ("grad_clip", 1.0, POS_FLOAT, "clip the global gradient norm to this"),
     ("ema_decay", 0.999, PROB, "EMA decay of the weights (short runs need lower; warmed up as min(decay, (1+s)/(10+s)))"),
@@ -729,7 +738,8 @@ TRAIN_ARGS = [
 ]
 TRAIN_DEFAULTS = {name: default for name, default, _, _ in TRAIN_ARGS}
 ARCH_KEYS = ["image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "num_classes"]
-RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "ckpt_every", "device", "precision", "compile", "resume"}
+RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "ckpt_every", "device", "precision", "compile", "resume"}  # a
+# longer --steps moves a cool-down's start: resume a cooled-down run only to the steps it was configured with
 SP_ABLATION_KEYS = {"sp_features": "features", "sp_t_prime": "t_prime_mode", "sp_distance": "distance"}
 
 
@@ -878,6 +888,19 @@ def save_samples(x, y, out, npz, nrow):
         raise OSError(f"could not write {e.filename or out or npz} ({e.strerror or e}); the samples are kept in {keep}")
 
 
+def learning_rate(cfg, step):
+    """The rate of training step `step` (0-based), a function of the step alone so that a resume continues it:
+    linear warm-up, constant, then over the last `cooldown` fraction of the steps a 1 - sqrt decay that reaches
+    final_lr at the last step. (A cool-down matches a cosine schedule; without one, any later run at a lower rate
+    gains from the drop alone, which would be credited to whatever that run changed.)"""
+    lr = cfg["lr"] * min(1.0, (step + 1) / max(cfg["warmup"], 1))
+    n_cool = round(cfg["cooldown"] * cfg["steps"])
+    start = cfg["steps"] - n_cool
+    if n_cool and step >= start:
+        lr = cfg["final_lr"] + (lr - cfg["final_lr"]) * (1 - ((step + 1 - start) / n_cool) ** 0.5)
+    return lr
+
+
 def train(cfg, log=print):
     """Train with cfg["loss"] (see TRAIN_ARGS) and return (ema_model, stats). Launched by torchrun, it runs
     data-parallel: every rank computes its share of the global batch, DDP averages the gradients, so every
@@ -992,7 +1015,7 @@ def train(cfg, log=print):
                 # Label dropout: the same network learns v_uncond through the null label. This is what makes
                 # classifier-free guidance possible at sampling time.
                 y = torch.where(torch.rand(len(idx), device=device) < cfg["label_dropout"], cfg["num_classes"], y)
-            lr = cfg["lr"] * min(1.0, (step + 1) / max(cfg["warmup"], 1))
+            lr = learning_rate(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
             with amp:
@@ -1031,6 +1054,9 @@ def train(cfg, log=print):
                 save_grid(x, os.path.join(out, f"samples_{step:07d}.png"), nrow=8)
             if step % cfg["ckpt_every"] == 0 and step < cfg["steps"]:
                 checkpoint()
+            if master and step == cfg["guide_at"]:                 # the weaker model that autoguidance guides with
+                save_checkpoint(os.path.join(out, "guide.pt"), {"config": cfg, "step": step, "ema": ema.state_dict(),
+                                                                 "model": ema.state_dict(), "total_steps": step})
             if flags[1] > 0:
                 break
         checkpoint()
@@ -1121,6 +1147,40 @@ def resampled_kid(f, w, f_real, real_term, block=2048):
         diag[i:i + block], cross[i:i + block] = K.diagonal(offset=i), cubic_kernel(f[i:i + block], f_real).mean(1)
     within = (wKw - w ** 2 @ diag) / (n * n - (w ** 2).sum(1))              # every row of w sums to n
     return within + real_term - 2 * w @ cross / n
+
+
+def pairwise(a, b, fn, block=2048):
+    """fn applied to blocks of rows of the exact float64 distance matrix ||a_i - b_j||, concatenated: the full
+    matrix never exists at once. (PITFALL: torch.cdist's default switches to a matrix-multiply formula above 25
+    rows, whose self-distances are not exactly 0; the exact mode is asked for here.)"""
+    return torch.cat([fn(torch.cdist(a[i:i + block].double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist"), i)
+                      for i in range(0, len(a), block)])
+
+
+def knn_radius(x, k):
+    """The distance from each point to its k-th nearest *other* point of its own set.  # (n, D) -> (n,)"""
+    def kth(d, i):
+        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = math.inf          # exclude the point itself
+        return d.kthvalue(k, 1).values
+    return pairwise(x, x, kth)
+
+
+def prdc_indicators(real, fake, k_pr=3, k_dc=5):
+    """Per-point indicators of improved precision and recall (Kynkaanniemi et al. 2019; k = 3) and density and
+    coverage (Naeem et al. 2020; k = 5), on features standardised with the real set's mean and std. A point is in
+    a ball when its distance is <= the radius (ties inside). Returns per generated point: precision (in some real
+    point's k_pr ball), density (how many real k_dc balls hold it, / k_dc); per real point: recall (in some
+    generated point's k_pr ball), coverage (its k_dc ball holds a generated point). The metrics are their means;
+    a bootstrap resamples these indicators, never the points (a point drawn twice would be its own neighbour)."""
+    mu, sd = real.mean(0), real.std(0).clamp(min=1e-12)
+    real, fake = (real - mu) / sd, (fake - mu) / sd
+    r_pr, r_dc, f_pr = knn_radius(real, k_pr), knn_radius(real, k_dc), knn_radius(fake, k_pr)
+    fake_side = pairwise(fake, real, lambda d, i: torch.stack([(d <= r_pr).any(1).double(),
+                                                                (d <= r_dc).sum(1).double() / k_dc], 1))
+    real_side = pairwise(real, fake, lambda d, i: torch.stack([(d <= f_pr).any(1).double(),
+                                                                (d.min(1).values <= r_dc[i:i + len(d)]).double()], 1))
+    return {"precision": fake_side[:, 0], "density": fake_side[:, 1], "recall": real_side[:, 0],
+            "coverage": real_side[:, 1]}
 
 
 def inception_score(logits, splits=10):
@@ -1342,6 +1402,7 @@ class Ruler:
             self.real_stats["fid"] = (mu.to(device), cov.to(device), sqrtm_psd(cov.to(device)))
             self.protocol.update(real_images_fid=f"the whole training split ({data})", fid="pytorch-fid")
         self.real_spectrum = real["spectrum"].mean(0)
+        self.feat_names = list(real["feat"])
         ones = torch.ones(1, real_n, dtype=torch.float64)
         self.real_values = {k: float(v[0]) for k, v in self.metrics(real, ones, distances=False).items()}
         if features == "classifier":
@@ -1384,6 +1445,17 @@ class Ruler:
         torch.save({"mu": mu, "cov": cov, "images": len(images)}, path)
         return mu, cov
 
+    def prdc_ceiling(self, n):
+        """Precision, recall, density and coverage of one real subset of n images against another, disjoint one,
+        in each feature space: what a perfect model scores at this n and k (None without 2n held-out images)."""
+        if 2 * n > self.real_n:
+            return None
+        out = {}
+        for name in self.feat_names:
+            f, suffix = self.real_feat[name][0], "" if name == self.features else f"_{name}"
+            out.update({k + suffix: float(v.mean()) for k, v in prdc_indicators(f[:n], f[n:2 * n]).items()})
+        return out
+
     def summarize(self, x, y):
         """Per-image quantities of images x (uint8, or in [-1, 1]) with requested labels y (None: unconditional)."""
         feat, logits = {}, None
@@ -1404,6 +1476,10 @@ class Ruler:
             f, wd, suffix = f.to(self.device), w.to(self.device), "" if name == self.features else f"_{name}"
             m["fd" + suffix] = resampled_fd(f, wd, self.real_stats[name]).cpu()
             m["kid" + suffix] = resampled_kid(f, wd, *self.real_feat[name]).cpu()
+            # As many real points as generated ones (k = min(n, real_n)): the first k held-out images in every row.
+            k = min(n, self.real_n)
+            for key, ind in prdc_indicators(self.real_feat[name][0][:k], f[:k]).items():
+                m[key + suffix] = (wd[:, :k] @ ind / wd[:, :k].sum(1)).cpu()
         if self.num_classes:
             pred = s["logits"].argmax(1)
             hist = w @ F.one_hot(pred, self.num_classes).double() / n                 # (B, K)
@@ -1431,7 +1507,7 @@ class Ruler:
 
 
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
-             batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf)):
+             batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf), guide=None):
     """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the
     null label num_classes samples the unconditional model that label dropout trained). The noise of sample i
     does not depend on `batch`, so models are compared from the same x_T; the sampler chunks each forward to
@@ -1447,21 +1523,24 @@ def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
         for i in range(0, n, batch):
             yi = None if y is None else y[i:i + batch].to(device)
             out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps, cfg_scale, cfg_rescale, eta,
-                              spacing, generator=g, noise=noise[i:i + batch], cfg_interval=cfg_interval).float().cpu())
+                              spacing, generator=g, noise=noise[i:i + batch], cfg_interval=cfg_interval,
+                              guide=guide).float().cpu())
     return torch.cat(out), y
 
 
 def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing",
-                   seed=0, batch=256, precision="auto", label=None, resamples=1000, cfg_interval=(0.0, math.inf)):
+                   seed=0, batch=256, precision="auto", label=None, resamples=1000, cfg_interval=(0.0, math.inf),
+                   guide=None):
     """Sample n images and measure them: (result with its protocol and 95% intervals, bootstrap replicates).
     label = model.num_classes samples the unconditional model (no conditional accuracy then)."""
     t0 = time.time()
     x, y = generate(model, schedule, n, steps, cfg_scale, cfg_rescale, eta, spacing, seed, batch, precision, label,
-                    cfg_interval)
+                    cfg_interval, guide)
     seconds = time.time() - t0
     res, boot = ruler.measure(x, y if label is None else None, resamples, seed)
     res.update(samples=n, sampler="DDIM", steps=steps, eta=eta, spacing=spacing, cfg_scale=cfg_scale,
                cfg_rescale=cfg_rescale, seed=seed, sample_seconds=round(seconds, 1), bootstrap_resamples=resamples,
+               guidance="auto" if guide is not None and cfg_scale != 1 else "cfg" if cfg_scale != 1 else "none",
                **ruler.protocol)
     if label is not None:
         res["label"] = label
@@ -1481,31 +1560,32 @@ PRESETS = {
     "cpu": dict(train=dict(data="shapes", image_size=16, channels=16, channel_mult="1,2,4", attn_res="4",
                            betas="scaled_linear", precision="fp32", batch_size=32, lr=2e-3, warmup=50, ema_decay=0.995,
                            log_every=250, sample_every=0, ckpt_every=250),
-                stage1_steps=2000, stage2_steps=400, stage2_lr=5e-4, features="classifier", classifier_steps=CLASSIFIER_STEPS,
-                real_n=2000, eval_n=600, sweep_n=200, sweep_scales=[1.5, 2.0, 3.0], cfg_rescale=0.7,
+                stage1_steps=2000, stage2_steps=400, stage2_lr=5e-4, cooldown=0.2, features="classifier",
+                classifier_steps=CLASSIFIER_STEPS,
+                real_n=2000, eval_n=600, sweep_n=150, sweep_scales=[1.5, 2.0, 3.0], cfg_rescale=0.7,
                 eval_steps=16, picture_per_class=3, resamples=1000, x0_n=500, x0_show=4),
     # The recipe for a real run on one GPU. Its cost has not been measured in this repository (see README).
     "cifar10": dict(train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
                                dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, log_every=500,
                                sample_every=10000, ckpt_every=5000),
-                    stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, features="fid",
+                    stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, cooldown=0.2, features="fid",
                     classifier_steps=CLASSIFIER_STEPS, real_n=10000, eval_n=10000, sweep_n=2000, sweep_scales=[1.5, 2.0, 3.0],
                     cfg_rescale=0.7, eval_steps=50, picture_per_class=2, resamples=200, x0_n=1000, x0_show=4),
     # A seconds-long pass through every stage: checks the pipeline, measures nothing.
     "smoke": dict(train=dict(data="shapes", image_size=16, channels=8, channel_mult="1,2", attn_res="", precision="fp32",
                              batch_size=8, lr=1e-3, warmup=1, ema_decay=0.9, log_every=1, sample_every=0, ckpt_every=100),
-                  stage1_steps=2, stage2_steps=1, stage2_lr=1e-3, features="classifier", classifier_steps=1,
+                  stage1_steps=2, stage2_steps=1, stage2_lr=1e-3, cooldown=0.5, features="classifier", classifier_steps=1,
                   real_n=40, eval_n=20, sweep_n=10, sweep_scales=[2.0, 3.0], cfg_rescale=0.7, eval_steps=2,
                   picture_per_class=1, resamples=50, x0_n=20, x0_show=2),
 }
 
-# The cpu preset with a stage 1 long enough that the control's extra MSE steps change little (README: Results,
-# the learning curve that chose its length); <= 60 minutes on the same 2 cores. Its stage 1 continues the cpu
-# preset's exactly (constant learning rate after warm-up), so `--out` of a finished cpu run can be reused.
+# The cpu preset with a stage 1 five times longer; <= 60 minutes on the same 2 cores. Its EMA half-life is 7% of
+# stage 1 in both (0.995: 138 steps of 2,000; 0.999: 693 of 10,000).
 PRESETS["cpu-long"] = {**PRESETS["cpu"], "stage1_steps": 10000,
-                       "train": {**PRESETS["cpu"]["train"], "log_every": 500, "ckpt_every": 500}}
+                       "train": {**PRESETS["cpu"]["train"], "ema_decay": 0.999, "log_every": 500, "ckpt_every": 500}}
 
-ROWS = [  # (row, name, which trained model, how it is sampled: "cond" unguided, "cfg" guided, "null" null label)
+ROWS = [  # (row, name, which trained model, how it is sampled: "cond" unguided, "cfg" classifier-free guidance,
+    #        "null" null label, "auto" / "auto-null" autoguidance with the label / with the null label)
     (1, "MSE", "mse", "cond"),
     (2, "MSE, continued", "mse-continued", "cond"),
     (3, "MSE + guidance", "mse", "cfg"),
@@ -1514,6 +1594,8 @@ ROWS = [  # (row, name, which trained model, how it is sampled: "cond" unguided,
     (6, "MSE, unconditional", "mse", "null"),
     (7, "MSE continued, unconditional", "mse-continued", "null"),
     (8, "self-perceptual, unconditional", "self-perceptual", "null"),
+    (9, "MSE + autoguidance", "mse", "auto"),                      # guided by stage 1's EMA at 1/8 of its steps
+    (10, "MSE + autoguidance, unconditional", "mse", "auto-null"),
 ]
 PAIRS = [  # (row a, row b, what the paired difference a - b asks)
     (4, 1, "self-perceptual vs the MSE model it started from (the paper's claim)"),
@@ -1523,15 +1605,21 @@ PAIRS = [  # (row a, row b, what the paired difference a - b asks)
     (5, 3, "self-perceptual + guidance vs MSE + guidance"),
     (8, 6, "unconditional: self-perceptual vs MSE"),
     (8, 7, "unconditional: self-perceptual vs MSE trained as long"),
+    (9, 3, "autoguidance vs classifier-free guidance (conditional)"),
+    (8, 10, "unconditional: self-perceptual vs MSE + autoguidance (the label-free rival)"),
 ]
 # The paper's ablations of the self-perceptual objective: one stage-2 run each, evaluated exactly like row 4.
 ABLATIONS = [("all-layers", "all layers (down + mid), each normalised", dict(sp_features="all")),
              ("t-prime-same", "t' = t", dict(sp_t_prime="same")),
              ("mae", "MAE distance", dict(sp_distance="mae")),
              ("ema-perceptual", "EMA of the online model as f*", dict(perceptual_net="ema"))]
+PRDC = ["precision", "recall", "density", "coverage"]
+SWEEP_KEYS = ["fd", "fd_random"] + PRDC + [k + "_random" for k in PRDC]
+METRIC_KEYS = ["fd", "fd_random", "kid", "kid_random", "cond_acc", "saturation"] + SWEEP_KEYS[2:]  # pooled over seeds
 VERDICT_METRICS = [("fd", "Frechet distance, 1st ruler", -1), ("fd_random", "Frechet distance, random features", -1),
                    ("kid", "KID, 1st ruler", -1), ("kid_random", "KID, random features", -1),
-                   ("cond_acc", "conditional accuracy", 1)]
+                   ("cond_acc", "conditional accuracy", 1)] + [
+    (k + sfx, f"{k}, {ruler}", 1) for sfx, ruler in (("", "1st ruler"), ("_random", "random features")) for k in PRDC]
 BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out", "device", "compile"}  # not the result
 
 
@@ -1545,7 +1633,8 @@ def run_stage(cfg, log):
     path = os.path.join(cfg["out"], "ckpt.pt")
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
-        saved = {**ckpt["config"], "precision": resolve_precision(cfg["device"], ckpt["config"].get("precision"))}
+        saved = {**TRAIN_DEFAULTS, **ckpt["config"],                  # older runs lack newer keys
+                 "precision": resolve_precision(cfg["device"], ckpt["config"].get("precision"))}
         cfg["precision"] = resolve_precision(cfg["device"], cfg["precision"])  # "auto" (train --resume's default) = what it ran as
         # (the --init path is not compared: the origin below, the weights' step and hash, is what identifies it)
         other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps", "init"} and saved.get(k) != v)
@@ -1642,35 +1731,49 @@ def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, re
     return numbers
 
 
-def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, ablations=False, **overrides):
-    """Stage 1 (MSE), stage 2 (self-perceptual from stage 1), and the fair control (MSE continued for as many
-    steps as stage 2) from the same stage-1 weights; then the rows of ROWS, each sampled with the same sampler,
-    seeds, initial noise and number of samples, and measured with the same two rulers; the paired verdicts of
-    PAIRS; the x0_hat study. With ablations, one more stage-2 run per entry of ABLATIONS. Writes results.md,
-    results.json, comparison.png, x0_hat.png (and ablations.md, ablations.json) under `out`."""
+def preset_settings(preset, overrides):
+    """The preset's settings with the given (non-None) overrides, checked before any work."""
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    return {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+
+
+def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, ablations=False, stage1_out=None,
+              stage1_seed=None, **overrides):
+    """Stage 1 (MSE, cooled down to stage 2's rate, saving an early EMA snapshot as the autoguidance guide), stage 2
+    (self-perceptual from stage 1), and the fair control (MSE continued for as many steps as stage 2) from the
+    same stage-1 weights; then the rows of ROWS, each sampled with the same sampler, seeds, initial noise and
+    number of samples, and measured with the same two rulers; the paired verdicts of PAIRS; the x0_hat study.
+    With ablations, one more stage-2 run per entry of ABLATIONS. stage1_out, stage1_seed: the folder and seed
+    of a shared stage 1 (default: out, seed). Writes results.md, results.json, comparison.png, x0_hat.png (and ablations.md, .json) under
+    `out`. Every verdict here rests on one training run of each stage: see reproduce_seeds for the method."""
     if distributed()[1] > 1:
         raise UsageError("reproduce runs in one process; under torchrun, run the `train` stages instead")
-    p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    p = preset_settings(preset, overrides)
     base = {**p["train"], "seed": seed, "device": device or TRAIN_DEFAULTS["device"]}
     check_config({**TRAIN_DEFAULTS, **base})
     writable_dir(out, "--out")
     t_start = time.time()
-    stage1 = os.path.join(out, "mse", "ckpt.pt")
-    stages = [("mse", dict(loss="mse", steps=p["stage1_steps"])),
-              ("self-perceptual", dict(loss="self-perceptual", steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1)),
-              ("mse-continued", dict(loss="mse", steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1))]
+    stage1_dir = os.path.join(stage1_out or out, "mse")
+    stage1 = os.path.join(stage1_dir, "ckpt.pt")
+    s2 = dict(steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1)
+    stages = [("mse", dict(loss="mse", steps=p["stage1_steps"], cooldown=p["cooldown"], final_lr=p["stage2_lr"],
+                           guide_at=max(1, p["stage1_steps"] // 8), **({} if stage1_seed is None else {"seed": stage1_seed}))),
+              ("self-perceptual", dict(loss="self-perceptual", **s2)), ("mse-continued", dict(loss="mse", **s2))]
     if ablations:
-        stages += [(f"sp-{key}", dict(loss="self-perceptual", steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1,
-                                      **variant)) for key, _, variant in ABLATIONS]
+        stages += [(f"sp-{key}", dict(loss="self-perceptual", **s2, **variant)) for key, _, variant in ABLATIONS]
     models, stats = {}, {}
     for i, (key, stage) in enumerate(stages):
         log(f"== stage {i + 1}/{len(stages)}: {key} ({stage['steps']} steps) ==")
-        models[key], stats[key] = run_stage({**base, **stage, "out": os.path.join(out, key)},
+        models[key], stats[key] = run_stage({**base, **stage, "out": stage1_dir if key == "mse" else os.path.join(out, key)},
                                             log=lambda s, k=key: log(f"[{k}] {s}"))
         models[key].eval()
     cfg = stats["mse"]["config"]
+    if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):   # a stage 1 from before guides were saved: the
+        run_stage({**cfg, "steps": max(1, p["stage1_steps"] // 8), "cooldown": 0.0, "resume": "",  # the same steps,
+                   "guide_at": max(1, p["stage1_steps"] // 8), "out": stage1_dir + "-guide"}, log)  # so the same weights
+        stage1_dir += "-guide"
+    guide = model_from_checkpoint(load_checkpoint(os.path.join(stage1_dir, "guide.pt"))).to(base["device"]).eval()
     schedule = schedule_from(cfg)
     dev = torch.device(base["device"])
     log("== evaluation: building the rulers ==")
@@ -1678,21 +1781,29 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                   classifier_steps=p["classifier_steps"], log=log)
     ev = dict(steps=p["eval_steps"], precision=cfg["precision"], resamples=p["resamples"])
 
-    # A small guidance sweep for row 3, on other seeds and fewer samples than the table uses.
-    sweep = []
-    for w in p["sweep_scales"]:
-        r, _ = evaluate_model(models["mse"], schedule, ruler, p["sweep_n"], cfg_scale=w, cfg_rescale=p["cfg_rescale"],
-                              seed=seed + 1, **ev)
-        sweep.append({"cfg_scale": w, "cfg_rescale": p["cfg_rescale"], "fd": r["fd"], "fd_ci": r["fd_ci"]})
-        log(f"guidance sweep: w={w:g} phi={p['cfg_rescale']:g} -> Frechet distance {r['fd']:.3f}")
-    guidance = (min(sweep, key=lambda r: r["fd"])["cfg_scale"], p["cfg_rescale"])
+    # Small sweeps, on another seed and fewer samples than the table uses: classifier-free guidance of the MSE model
+    # (row 3's w) and of the self-perceptual model, w = 1 included (the trade-off curve); autoguidance with the null
+    # label (the label-free rival; its w serves rows 9 and 10). w is chosen by the first ruler's Frechet distance.
+    sweeps, guidance = {}, {}
+    for kind, key, phi, label, scales in (("cfg", "mse", p["cfg_rescale"], None, [1.0] + p["sweep_scales"]),
+                                          ("cfg-sp", "self-perceptual", p["cfg_rescale"], None, [1.0] + p["sweep_scales"]),
+                                          ("auto", "mse", 0.0, models["mse"].num_classes, p["sweep_scales"])):
+        sweeps[kind] = []
+        for w in scales:
+            r, _ = evaluate_model(models[key], schedule, ruler, p["sweep_n"], cfg_scale=w, cfg_rescale=phi,
+                                  seed=seed + 1, label=label, guide=guide if kind == "auto" else None, resamples=20,
+                                  **{k: v for k, v in ev.items() if k != "resamples"})
+            sweeps[kind].append({"cfg_scale": w, "cfg_rescale": phi, **{k: r[k] for k in SWEEP_KEYS if k in r}})
+            log(f"{kind} guidance sweep: w={w:g} phi={phi:g} -> Frechet distance {r['fd']:.3f}, precision "
+                f"{r['precision']:.3f}, recall {r['recall']:.3f}")
+        guidance[kind] = (min((r for r in sweeps[kind] if r["cfg_scale"] != 1), key=lambda r: r["fd"])["cfg_scale"], phi)
 
     def evaluate_row(row, name, key, mode):
         """One row: the model sampled as `mode` from the table's seed, with its provenance."""
-        w, phi = guidance if mode == "cfg" else (1.0, 0.0)
-        label = models[key].num_classes if mode == "null" else None
+        w, phi = guidance[mode.split("-")[0]] if mode.startswith(("cfg", "auto")) else (1.0, 0.0)
+        label = models[key].num_classes if mode.endswith("null") else None
         r, boot = evaluate_model(models[key], schedule, ruler, p["eval_n"], cfg_scale=w, cfg_rescale=phi, seed=seed,
-                                 label=label, **ev)
+                                 label=label, guide=guide if mode.startswith("auto") else None, **ev)
         r.update(row=row, name=name, model=key, mode=mode, loss=stats[key]["config"]["loss"],
                  train_steps=stats[key]["total_steps"], train_seconds=round(stats[key]["train_seconds"], 1))
         log(f"row {row} {name}: Frechet distance {r['fd']:.3f} {fmt_ci(r['fd_ci'])}, random features "
@@ -1703,22 +1814,27 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     for spec in ROWS:
         rows[spec[0]], boots[spec[0]] = evaluate_row(*spec)
     verdicts = [verdict(a, b, what, rows, boots) for a, b, what in PAIRS]
-    comparison_picture(models, schedule, [r for r in ROWS if r[3] != "null"], guidance,
+    comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guidance["cfg"],
                        os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"])
     x0_numbers = x0_hat_study({"MSE": models["mse"], "self-perceptual": models["self-perceptual"]}, schedule, ruler,
                               p["x0_n"], p["x0_show"], os.path.join(out, "x0_hat.png"), cfg["precision"], seed,
                               p["resamples"])
     result = {"preset": preset, "settings": {k: v for k, v in p.items() if k != "train"}, "train": base,
-              "guidance_sweep": sweep, "guidance": list(guidance), "rows": list(rows.values()), "verdicts": verdicts,
+              "stage1": stage1, "guide": os.path.join(stage1_dir, "guide.pt"),
+              "guidance_sweep": sweeps["cfg"], "guidance": list(guidance["cfg"]), "autoguidance_sweep": sweeps["auto"],
+              "autoguidance": list(guidance["auto"]), "sp_guidance_sweep": sweeps["cfg-sp"],
+              "prdc_ceiling": ruler.prdc_ceiling(p["eval_n"]), "sweep_prdc_ceiling": ruler.prdc_ceiling(p["sweep_n"]),
+              "rows": list(rows.values()), "verdicts": verdicts,
               "x0_hat": x0_numbers, "real": ruler.real_values, "protocol": ruler.protocol,
+              "stage_hashes": {k: weights_hash(models[k].state_dict()) for k in models},
               "reused_stages": [k for k in stats if stats[k].get("reused")],
               "device": str(dev), "torch_threads": torch.get_num_threads()}
     if ablations:
         abl = []
         for i, (key, label, variant) in enumerate(ABLATIONS):
-            r, boots[10 + i] = evaluate_row(10 + i, label, f"sp-{key}", "cond")
-            r["variant"], rows[10 + i] = variant, r
-            abl.append({"ablation": r, "verdicts": [verdict(10 + i, b, what, rows, boots) for b, what in
+            r, boots[20 + i] = evaluate_row(20 + i, label, f"sp-{key}", "cond")
+            r["variant"], rows[20 + i] = variant, r
+            abl.append({"ablation": r, "verdicts": [verdict(20 + i, b, what, rows, boots) for b, what in
                                                     ((4, "against the paper's choice (row 4)"),
                                                      (2, "against MSE trained as long (row 2)"))]})
         result["ablations"] = abl
@@ -1731,6 +1847,171 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     return result
 
 
+def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, ablations=False, **overrides):
+    """The comparison as a claim about the method: the whole pipeline once per training seed, each in out/seedS
+    (a finished seed is reused, an interrupted one resumed), then verdicts pooled over the seeds (pooled_verdicts).
+    stage2_seeds = J > 0 adds J runs that share seed 0's stage 1 (out/seed0) with their own stage-2, control and
+    sampling seeds 1000 + j, so that the spread between seeds splits into its sources (variance_sources).
+    Writes pooled.md and pooled.json under `out`."""
+    writable_dir(out, "--out")
+    runs = [(f"seed{s}", s, None, None) for s in seeds]
+    runs += [(f"seed{seeds[0]}-stage2-{1000 + j}", 1000 + j, os.path.join(out, f"seed{seeds[0]}"), seeds[0])
+             for j in range(stage2_seeds)]
+    results = {}
+    for name, seed, stage1_out, stage1_seed in runs:
+        sub = os.path.join(out, name)
+        prior = finished_result(sub, preset, seed, overrides)
+        if prior:
+            log(f"== {name}: reusing its finished results ==")
+            results[name] = prior
+            continue
+        log(f"== {name} ({len(results) + 1} of {len(runs)}) ==")
+        results[name] = reproduce(preset, sub, device, seed, lambda s, n=name: log(f"[{n}] {s}"), ablations,
+                                  stage1_out, stage1_seed, **overrides)
+    full = [results[f"seed{s}"] for s in seeds]
+    shared = [full[0]] + [r for n, r in results.items() if "-stage2-" in n]
+    pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds,
+              "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full),
+              "rows": pooled_rows(full), "sources": variance_sources(full, shared) if stage2_seeds else None}
+    write_outputs(out, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
+    log(f"wrote {out}/pooled.md and pooled.json ({len(seeds)} full-pipeline seeds)")
+    return pooled
+
+
+def finished_result(sub, preset, seed, overrides):
+    """The results.json in `sub` if it was written by this preset, seed and settings, from the weights that are
+    in its stage folders now; else None (the seed is then run, reusing whatever stages still match)."""
+    try:
+        with open(os.path.join(sub, "results.json")) as f:
+            res = json.load(f)
+        p = preset_settings(preset, overrides)
+        same = (res["preset"] == preset and res["train"]["seed"] == seed and
+                res["settings"] == json.loads(json.dumps({k: v for k, v in p.items() if k != "train"})) and
+                all(res["train"][k] == v for k, v in p["train"].items()))
+        hashes = {k: weights_hash(load_checkpoint(os.path.join(os.path.dirname(res["stage1"]) if k == "mse" else
+                                                               os.path.join(sub, k), "ckpt.pt"))["ema"])
+                  for k in res["stage_hashes"]}
+        return res if same and hashes == res["stage_hashes"] else None
+    except (OSError, ValueError, KeyError, UsageError):
+        return None
+
+
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t distribution with df degrees of freedom: bisection on its CDF,
+    integrated numerically from its density (no scipy). t_quantile(0.975, 4) = 2.776."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    cdf = lambda x: 0.5 + np.trapezoid(c * (1 + np.linspace(0, x, 20001) ** 2 / df) ** (-(df + 1) / 2), dx=x / 20000)
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def pooled_interval(values, level=0.95):
+    """(mean, 95% interval) over K training seeds: the t interval mean +- t_{K-1} sd / sqrt(K). Each seed's value
+    already carries its own sampling noise, so the spread of the values contains the variance between training
+    runs *and* the sampling variance: the interval is about the method, not one run. None for K = 1."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()), None
+    half = t_quantile((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
+
+
+def all_verdicts(res):
+    """A result's verdicts, the ablations' included."""
+    return res["verdicts"] + [v for a in res.get("ablations", []) for v in a["verdicts"]]
+
+
+def pooled_verdicts(results):
+    """For every pair and metric: the mean over seeds of the per-seed paired differences, its pooled interval,
+    the verdict called only when that interval excludes 0, and in how many seeds the per-seed verdict agreed."""
+    out = []
+    for i, v0 in enumerate(all_verdicts(results[0])):
+        per_seed = [all_verdicts(r)[i] for r in results]
+        entry = {"a": v0["a"], "b": v0["b"], "what": v0["what"]}
+        for key, _, sign in VERDICT_METRICS:
+            if key not in v0:
+                continue
+            diffs = [v[key]["diff"] for v in per_seed]
+            mean, ci = pooled_interval(diffs)
+            better = v0["a"] if (mean > 0) == (sign > 0) else v0["b"]
+            held = sum(v[key]["verdict"] == f"row {better} better in this run" for v in per_seed)
+            word = (f"row {better} better" if ci and not ci[0] <= 0 <= ci[1] else "not distinguishable over seeds"
+                    if ci else "one training run: no verdict about the method")
+            entry[key] = {"diff": mean, "ci": ci, "verdict": word, "held": held, "seeds": len(results),
+                          "per_seed": diffs}
+        out.append(entry)
+    return out
+
+
+def pooled_rows(results):
+    """Each row's metrics over seeds: mean, pooled interval, and the mean sampling standard error (the bootstrap
+    interval's width / 3.92) beside the standard deviation between seeds."""
+    rows = []
+    for i, r0 in enumerate(results[0]["rows"]):
+        row = {"row": r0["row"], "name": r0["name"]}
+        for key in METRIC_KEYS:
+            if key in r0:
+                vals = [r["rows"][i][key] for r in results]
+                mean, ci = pooled_interval(vals)
+                row[key] = {"mean": mean, "ci": ci, "sd_seeds": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                            "se_sampling": float(np.mean([(r["rows"][i][key + "_ci"][1] - r["rows"][i][key + "_ci"][0])
+                                                          / 3.92 for r in results]))}
+        rows.append(row)
+    return rows
+
+
+def variance_sources(full, shared):
+    """Where the spread between seeds comes from, per row and metric, as standard deviations: sampling alone
+    (the bootstrap's), stage-2 seeds on one stage 1 (the shared design's spread less sampling), and stage-1
+    seeds (the full design's spread less the shared design's); negative variance differences read as 0."""
+    a, b = pooled_rows(full), pooled_rows(shared)
+    out = []
+    for ra, rb in zip(a, b):
+        row = {"row": ra["row"], "name": ra["name"]}
+        for key in METRIC_KEYS:
+            if key in ra:
+                se, sd_s2, sd_full = rb[key]["se_sampling"], rb[key]["sd_seeds"], ra[key]["sd_seeds"]
+                row[key] = {"sampling": se, "stage2": max(sd_s2 ** 2 - se ** 2, 0) ** 0.5,
+                            "stage1": max(sd_full ** 2 - sd_s2 ** 2, 0) ** 0.5, "sd_full": sd_full, "sd_shared": sd_s2}
+        out.append(row)
+    return out
+
+
+def pooled_markdown(pooled):
+    """The pooled verdicts, each with its interval over seeds and k of K, the rows over seeds, and the sources."""
+    K = len(pooled["seeds"])
+    lines = [f"Verdicts about the method: {K} full-pipeline training seeds ({', '.join(map(str, pooled['seeds']))}), "
+             f"{pooled['samples_per_row']} samples per row and seed. Estimate: the mean over seeds of the paired "
+             f"difference row a - row b; interval: 95% t interval over the seeds (it includes the variance between "
+             "training runs and the sampling variance); a verdict is called only when it excludes 0; 'k of K': the "
+             "seeds whose own bootstrap verdict named the same row.", "",
+             "| a - b | question | metric | mean difference | 95% interval over seeds | verdict | held in |",
+             "|---|---|---|---|---|---|---|"]
+    names = {k: n for k, n, _ in VERDICT_METRICS}
+    for v in pooled["verdicts"]:
+        for key in names:
+            if key in v:
+                e = v[key]
+                lines.append(f"| {v['a']} - {v['b']} | {v['what']} | {names[key]} | {e['diff']:+.4f} | "
+                             f"{fmt_ci(e['ci']) if e['ci'] else '-'} | {e['verdict']} | {e['held']} of {e['seeds']} |")
+    lines += ["", "Rows over seeds (mean and 95% interval; sd between seeds beside the mean sampling standard error):",
+              "", "| row | model | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+    for r in pooled["rows"]:
+        cell = lambda e: f"{e['mean']:.3f} {fmt_ci(e['ci']) if e['ci'] else ''} (sd {e['sd_seeds'] or 0:.3f} / se {e['se_sampling']:.3f})"
+        lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(cell(r[k]) if k in r else "-" for k in METRIC_KEYS) + " |")
+    if pooled["sources"]:
+        lines += ["", f"Where the spread comes from (standard deviations): sampling alone | stage-2 seeds on one stage 1 "
+                  f"({pooled['stage2_seeds'] + 1} runs sharing seed {pooled['seeds'][0]}'s stage 1) | stage-1 seeds:",
+                  "", "| row | model | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+        for r in pooled["sources"]:
+            lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(
+                f"{r[k]['sampling']:.3f} / {r[k]['stage2']:.3f} / {r[k]['stage1']:.3f}" if k in r else "-"
+                for k in METRIC_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def verdict(a, b, what, rows, boots):
     """The paired verdicts of row a against row b, one per metric both rows have: the difference a - b, its 95%
     paired bootstrap interval, and the verdict it supports (sign -1: lower is better)."""
@@ -1739,8 +2020,8 @@ def verdict(a, b, what, rows, boots):
         if key in rows[a] and key in rows[b]:
             d = rows[a][key] - rows[b][key]
             ci = interval(d, boots[a][key] - boots[b][key])
-            word = ("not distinguishable at this sample size" if ci[0] <= 0 <= ci[1] else
-                    f"row {a if (d > 0) == (sign > 0) else b} better")
+            word = ("not distinguishable in this run" if ci[0] <= 0 <= ci[1] else
+                    f"row {a if (d > 0) == (sign > 0) else b} better in this run")
             out[key] = {"diff": d, "ci": ci, "verdict": word}
     return out
 
@@ -1786,14 +2067,23 @@ def results_markdown(res):
     for r in rows:
         lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in ("mean", "std", "saturation", "contrast",
                                                                         "spectrum_dist")) + " |")
-    lines += ["", "Paired differences (row a - row b: the rows share their initial noise and labels; 95% paired "
-              f"bootstrap interval, {rows[0]['bootstrap_resamples']} resamples):", "",
-              "| a - b | question | " + " | ".join(name for _, name, _ in VERDICT_METRICS) + " |",
-              "|---|---|" + "---|" * len(VERDICT_METRICS)]
+    ceil = res["prdc_ceiling"] or {}
+    lines += ["", f"Realism and diversity: precision and recall (k = 3), density and coverage (k = 5), on features "
+              f"standardised by the real set's, {rows[0]['samples']} real against {rows[0]['samples']} generated; the "
+              "ceiling is one real subset against another, disjoint one (what a perfect model scores at this n):", "",
+              "| row | " + " | ".join(f"{k} ({first})" for k in PRDC) + " | " + " | ".join(f"{k} (random)" for k in PRDC)
+              + " |", "|---|" + "---|" * 8,
+              "| real vs real | " + " | ".join(f"{ceil[k]:.3f}" if k in ceil else "-" for k in SWEEP_KEYS[2:]) + " |"]
+    for r in rows:
+        lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in SWEEP_KEYS[2:]) + " |")
+    lines += ["", f"Paired differences (row a - row b: the rows share their initial noise and labels; 95% paired "
+              f"bootstrap interval, {rows[0]['bootstrap_resamples']} resamples). These verdicts rest on ONE training run "
+              f"of each stage (seed {res['train']['seed']}) and {rows[0]['samples']} samples per row: they describe this "
+              "run, not the method (reproduce --seeds K pools K training runs):", "",
+              "| a - b | question | metric | difference [95% interval] | verdict |", "|---|---|---|---|---|"]
     for v in res["verdicts"]:
-        cells = [f"{v[k]['diff']:+.3f} {fmt_ci(v[k]['ci'])}: {v[k]['verdict']}" if k in v else "-"
-                 for k, _, _ in VERDICT_METRICS]
-        lines.append(f"| {v['a']} - {v['b']} | {v['what']} | " + " | ".join(cells) + " |")
+        lines += [f"| {v['a']} - {v['b']} | {v['what']} | {name} | {v[k]['diff']:+.4f} {fmt_ci(v[k]['ci'])} | "
+                  f"{v[k]['verdict']} |" for k, name, _ in VERDICT_METRICS if k in v]
     lines += ["", rulers_line(res["verdicts"]), "", convergence_line(res)]
     lines += ["", "x0_hat from one step (`x0_hat.png`): high-frequency energy relative to real images (1 = as sharp)"
               f" and Frechet distance ({first}) to the real images, on {res['settings']['x0_n']} held-out images:", "",
@@ -1958,24 +2248,30 @@ def bench(cfg, iters=5, log=print):
     return res
 
 
-def estimate(preset, device=None, log=print, **overrides):
+def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides):
     """The projected wall time of `reproduce --preset`, stage by stage, from a few timed steps of each objective
-    and of sampling on `device` (random data of the preset's shape: nothing is downloaded or trained). Not
-    included: building the ruler (classifier training or Inception features) and writing pictures."""
-    p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    and of sampling on `device` (random data of the preset's shape: nothing is downloaded or trained), for `runs`
+    full-pipeline seeds and `stage2_runs` runs on a shared stage 1. Not included: building the ruler (classifier
+    training or Inception features) and writing pictures."""
+    p = preset_settings(preset, overrides)
     device = device or TRAIN_DEFAULTS["device"]
     sample_batch = max_forward_batch(device) or 256
     t = step_times({**p["train"], "device": device}, iters=3, sample_steps=4)
     t_fwd = t["unguided"] / (4 * p["train"]["batch_size"])          # seconds per image per unguided step
     t_gfwd = t["guided"] / (4 * p["train"]["batch_size"])
     k = 10                                                          # classes of shapes and CIFAR-10
-    unguided = p["eval_steps"] * (6 * p["eval_n"] + 3 * p["picture_per_class"] * k) + 12 * p["x0_n"]
-    guided = p["eval_steps"] * (2 * p["eval_n"] + len(p["sweep_scales"]) * p["sweep_n"] + 2 * p["picture_per_class"] * k)
+    n_unguided, n_guided = sum(m in ("cond", "null") for *_, m in ROWS), sum(m not in ("cond", "null") for *_, m in ROWS)
+    unguided = p["eval_steps"] * ((n_unguided * p["eval_n"] + 2 * p["sweep_n"]) + 3 * p["picture_per_class"] * k) + 12 * p["x0_n"]
+    guided = p["eval_steps"] * (n_guided * p["eval_n"] + 3 * len(p["sweep_scales"]) * p["sweep_n"] +
+                                2 * p["picture_per_class"] * k)
     parts = [(f"stage 1: mse, {p['stage1_steps']} steps", p["stage1_steps"] * t["mse"]),
              (f"stage 2: self-perceptual, {p['stage2_steps']} steps", p["stage2_steps"] * t["self-perceptual"]),
              (f"control: mse, {p['stage2_steps']} steps", p["stage2_steps"] * t["mse"]),
              (f"evaluation: {unguided + guided:,} image-steps ({guided:,} guided)", unguided * t_fwd + guided * t_gfwd)]
     total = sum(sec for _, sec in parts)
+    if runs > 1 or stage2_runs:
+        total = runs * total + stage2_runs * sum(sec for _, sec in parts[1:])
+        parts.append((f"x {runs} seeds + {stage2_runs} runs on a shared stage 1", total - sum(sec for _, sec in parts)))
     log(f"estimate for --preset {preset} on {device} ({t['params'] / 1e6:.2f}M parameters; measured: 3 training steps "
         f"per objective at batch {p['train']['batch_size']}, 4 sampling steps; sampling forwards chunked to {sample_batch})")
     for name, sec in parts:
@@ -2015,6 +2311,17 @@ def add_train_args(p, names=None):
 def at_least(k):
     """An integer >= k (a covariance needs at least 2 samples)."""
     return ranged(int, lambda v: v >= k, f"an integer >= {k}")
+
+
+def seeds_arg(text):
+    """'K' (seeds 0..K-1, K >= 1) or 'S1,S2,...' (distinct integers): the training seeds of reproduce --seeds."""
+    try:
+        seeds = list(range(int(text))) if "," not in text else [int(v) for v in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be a count K >= 1 or distinct seeds such as 0,3,7, got {text!r}")
+    return seeds
 
 
 def interval_arg(text):
@@ -2080,6 +2387,12 @@ def build_parser():
     p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
     p.add_argument("--device", type=DEVICE, default=None, help="device (default: cuda when available, else cpu)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
+    p.add_argument("--seeds", type=seeds_arg, default=None, metavar="K|S1,S2,..", help="run the whole pipeline once per "
+                   "training seed (K: seeds 0..K-1), each in --out/seedS, and pool the verdicts over them (pooled.md)")
+    p.add_argument("--stage2-seeds", type=NONNEG_INT, default=0, help="with --seeds: J more runs on the first seed's "
+                   "stage 1 with their own stage-2 and sampling seeds, to split the spread into its sources (default: 0)")
+    p.add_argument("--cooldown", type=UNIT, default=None, help="override the preset's stage-1 cool-down fraction (0: "
+                   "constant learning rate)")
     p.add_argument("--stage1-steps", type=POS_INT, default=None, help="override the preset's stage-1 (MSE) steps")
     p.add_argument("--stage2-steps", type=POS_INT, default=None, help="override the preset's stage-2 steps (and the control's)")
     p.add_argument("--eval-n", type=at_least(2), default=None, help="override the preset's samples per row")
@@ -2163,12 +2476,18 @@ def main(argv=None):
                 except OSError as e:
                     raise OSError(f"could not write --json {args.json!r} ({e.strerror or e}); the result is the "
                                   f"JSON line printed above")
-        elif args.command == "reproduce" and args.estimate:
-            estimate(args.preset, args.device, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps,
-                     eval_n=args.eval_n)
         elif args.command == "reproduce":
-            reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations,
-                      stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n)
+            overrides = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
+                             cooldown=args.cooldown)
+            if args.stage2_seeds and not args.seeds:
+                raise UsageError("--stage2-seeds needs --seeds")
+            if args.estimate:
+                estimate(args.preset, args.device, runs=len(args.seeds or [0]), stage2_runs=args.stage2_seeds, **overrides)
+            elif args.seeds:
+                reproduce_seeds(args.preset, args.out, args.seeds, args.stage2_seeds, args.device,
+                                ablations=args.ablations, **overrides)
+            else:
+                reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations, **overrides)
         elif args.command == "bench":
             cfg = vars(args).copy()
             bench(cfg, cfg.pop("iters"))

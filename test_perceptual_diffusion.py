@@ -973,8 +973,8 @@ def rows_and_boots(fd_a, fd_b, acc_a, acc_b):
 
 def test_verdict_names_the_row_with_lower_distance_and_higher_accuracy_as_better():
     v = pd.verdict(1, 2, "q", *rows_and_boots(fd_a=1.0, fd_b=2.0, acc_a=0.3, acc_b=0.6))
-    assert v["fd"]["verdict"] == "row 1 better" and v["fd"]["diff"] == pytest.approx(-1.0)
-    assert v["cond_acc"]["verdict"] == "row 2 better" and v["cond_acc"]["ci"][1] < 0
+    assert v["fd"]["verdict"] == "row 1 better in this run" and v["fd"]["diff"] == pytest.approx(-1.0)
+    assert v["cond_acc"]["verdict"] == "row 2 better in this run" and v["cond_acc"]["ci"][1] < 0
     v = pd.verdict(1, 2, "q", *rows_and_boots(fd_a=2.0, fd_b=2.0, acc_a=0.6, acc_b=0.6))
     assert v["fd"]["verdict"].startswith("not distinguishable")
 
@@ -1137,7 +1137,7 @@ def smoke_run(tmp_path_factory):
 
 def test_reproduce_smoke_preset_writes_tables_pictures_unconditional_rows_and_verdicts(smoke_run):
     out, res = smoke_run
-    assert [r["row"] for r in res["rows"]] == list(range(1, 9))
+    assert [r["row"] for r in res["rows"]] == list(range(1, 11))
     md = (out / "results.md").read_text()
     assert all(f"| {i} |" in md for i in range(1, 9)) and "Protocol:" in md and "Convergence of stage 1" in md
     assert "Rulers:" in md and "Pixel statistics" in md and "x0_hat" in md
@@ -1149,7 +1149,11 @@ def test_reproduce_smoke_preset_writes_tables_pictures_unconditional_rows_and_ve
     assert all({"fd_ci", "fd_random_ci", "kid_ci", "kid_random_ci"} <= r.keys() for r in data["rows"])
     assert {(v["a"], v["b"]) for v in data["verdicts"]} >= {(4, 1), (4, 2), (2, 1), (8, 6), (8, 7)}
     assert [x["t"] for x in data["x0_hat"]][-1] == 999 and len(data["x0_hat"]) >= 4
-    assert len(data["guidance_sweep"]) == 2
+    assert [s["cfg_scale"] for s in data["guidance_sweep"]] == [1.0, 2.0, 3.0] == [s["cfg_scale"] for s in data["sp_guidance_sweep"]]
+    assert [s["cfg_scale"] for s in data["autoguidance_sweep"]] == [2.0, 3.0] and rows[9]["guidance"] == "auto"
+    assert rows[10]["label"] == 10 and rows[9]["cfg_scale"] == rows[10]["cfg_scale"] == data["autoguidance"][0]
+    assert os.path.isfile(data["guide"]) and pd.load_checkpoint(data["guide"])["step"] == 1   # 1/8 of 2 steps, at least 1
+    assert set(data["prdc_ceiling"]) == set(pd.SWEEP_KEYS[2:]) and all("recall_random_ci" in r for r in data["rows"])
     from PIL import Image
     assert Image.open(out / "comparison.png").size[0] > 5 * 16 and Image.open(out / "x0_hat.png").size[1] > 4 * 16
 
