@@ -1067,7 +1067,7 @@ def train(cfg, log=print):
     if stop["signal"] is not None and master:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written, continue with --resume {out}")
     return ema, {"steps": step, "total_steps": steps_before + step, "train_seconds": seconds_before + time.time() - t0,
-                 "params": n_params, "config": cfg, "model": model, "origin": origin}
+                 "params": n_params, "config": cfg, "model": model, "origin": origin, "stopped": stop["signal"] is not None}
 
 
 # =================================================================================================
@@ -1646,14 +1646,17 @@ def run_stage(cfg, log):
             was = ckpt.get("origin") or {"init_steps": "?", "init_hash": "not recorded"}
             log(f"training {cfg['out']} anew: it started from stage-1 weights at step {was['init_steps']} (hash "
                 f"{was['init_hash']}), but {cfg['init']} is now at step {origin['init_steps']} (hash {origin['init_hash']})")
-            return train(cfg, log=log)
-        if ckpt["step"] == cfg["steps"]:
+        elif ckpt["step"] == cfg["steps"]:
             log(f"reusing the finished run in {cfg['out']} ({ckpt['step']} steps)")
             model = model_from_checkpoint(ckpt).to(cfg["device"])
             return model, {"steps": ckpt["step"], "total_steps": ckpt.get("total_steps", ckpt["step"]),
                            "train_seconds": ckpt.get("train_seconds", 0.0), "config": ckpt["config"], "reused": True}
-        cfg["resume"] = cfg["out"]
-    return train(cfg, log=log)
+        else:
+            cfg["resume"] = cfg["out"]
+    model, stats = train(cfg, log=log)
+    if stats["stopped"]:                                           # a stopped stage is not a finished one: go no further
+        raise KeyboardInterrupt
+    return model, stats
 
 
 def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision):
@@ -1896,6 +1899,7 @@ def finished_result(sub, preset, seed, overrides):
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def t_quantile(p, df):
     """The p-quantile (p > 0.5) of Student's t distribution with df degrees of freedom: bisection on its CDF,
     integrated numerically from its density (no scipy). t_quantile(0.975, 4) = 2.776."""
@@ -2499,6 +2503,9 @@ def main(argv=None):
     except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
         print(f"error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:                                      # Ctrl-C, or a signal that stopped a stage
+        print("stopped: the last checkpoint is kept; rerun the same command to continue", file=sys.stderr)
+        return 130
     return 0
 
 

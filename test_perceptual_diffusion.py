@@ -1292,3 +1292,187 @@ def test_batches_give_each_rank_disjoint_indices_that_together_cover_the_epoch()
     assert set(seen[0].tolist()).isdisjoint(seen[1].tolist())
     assert sorted(torch.cat(seen).tolist()) == list(range(n))     # 40 images = 2 ranks x 5 steps x 4
     assert not torch.equal(ranks[0].indices(per_epoch), ranks[0].indices(0))   # a new epoch, a new order
+
+
+# ------------------------------------- replication over seeds -------------------------------------
+
+def test_t_quantile_matches_published_tables():
+    assert pd.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
+    assert pd.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert pd.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+
+
+def test_pooled_interval_covers_the_true_difference_in_95_percent_of_simulated_experiments():
+    # Each experiment: K = 5 training seeds; a seed's paired difference = true + between-run effect (sd 0.3) +
+    # its own sampling noise (sd 0.1). A sampling-only interval would cover far less often.
+    g = np.random.default_rng(0)
+    true, covered, n = 0.2, 0, 400
+    for _ in range(n):
+        diffs = true + g.normal(0, 0.3, 5) + g.normal(0, 0.1, 5)
+        _, (lo, hi) = pd.pooled_interval(diffs)
+        covered += lo <= true <= hi
+    assert 0.92 <= covered / n <= 0.98                            # binomial sd at n = 400: 0.011
+
+
+def fake_result(diffs, verdicts):
+    """A results.json-like dict whose one verdict (4 - 2, Frechet distance) has the given difference and word."""
+    return {"verdicts": [{"a": 4, "b": 2, "what": "q", "fd": {"diff": diffs, "ci": [0, 0], "verdict": verdicts}}]}
+
+
+def test_no_verdict_is_called_when_seeds_disagree_in_sign_and_the_pooled_interval_holds_zero():
+    results = [fake_result(0.5, "row 2 better in this run"), fake_result(-0.6, "row 4 better in this run"),
+               fake_result(0.2, "not distinguishable in this run")]
+    v = pd.pooled_verdicts(results)[0]["fd"]
+    assert v["ci"][0] < 0 < v["ci"][1] and v["verdict"] == "not distinguishable over seeds"
+    assert v["diff"] == pytest.approx(0.1 / 3) and v["per_seed"] == [0.5, -0.6, 0.2]
+    agree = [fake_result(-d, "row 4 better in this run") for d in (1.0, 1.1, 0.9)]
+    v = pd.pooled_verdicts(agree)[0]["fd"]
+    assert v["verdict"] == "row 4 better" and v["held"] == 3 and v["seeds"] == 3
+    assert pd.pooled_verdicts(agree[:1])[0]["fd"]["verdict"].startswith("one training run")
+
+
+def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    real, calls = pd.reproduce, []
+
+    def failing_second_seed(preset, out, device, seed, *a, **kw):
+        calls.append(seed)
+        if seed == 1:
+            raise KeyboardInterrupt                                  # the run is stopped during seed 1
+        return real(preset, out, device, seed, *a, **kw)
+    monkeypatch.setattr(pd, "reproduce", failing_second_seed)
+    with pytest.raises(KeyboardInterrupt):
+        pd.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")])
+    monkeypatch.setattr(pd, "reproduce", real)
+    assert pd.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "seed0: reusing its finished results" in out and "== seed1 (" in out
+    pooled = json.loads((tmp_path / "s" / "pooled.json").read_text())
+    assert pooled["seeds"] == [0, 1] and all(v["fd"]["seeds"] == 2 for v in pooled["verdicts"])
+    md = (tmp_path / "s" / "pooled.md").read_text()
+    assert "of 2 |" in md and "95% interval over seeds" in md
+    assert (tmp_path / "s" / "seed1" / "results.md").is_file() and (tmp_path / "s" / "seed0" / "results.json").is_file()
+
+
+def test_stage2_seeds_share_the_first_seeds_stage_1_and_split_the_spread_by_source(tmp_path):
+    pooled = pd.reproduce_seeds("smoke", str(tmp_path / "v"), [0, 1], stage2_seeds=1, device="cpu", log=lambda s: None)
+    shared = json.loads((tmp_path / "v" / "seed0-stage2-1000" / "results.json").read_text())
+    assert shared["stage1"] == str(tmp_path / "v" / "seed0" / "mse" / "ckpt.pt")
+    assert not (tmp_path / "v" / "seed0-stage2-1000" / "mse").exists() and shared["train"]["seed"] == 1000
+    src = {r["row"]: r for r in pooled["sources"]}
+    assert {"sampling", "stage2", "stage1"} <= src[4]["fd"].keys() and src[1]["fd"]["sampling"] > 0
+
+
+def test_bad_seed_lists_are_one_line_and_exit_code_2(capsys, tmp_path):
+    for value in ("0", "1,1", "a", "-2"):
+        assert pd.main(["reproduce", "--seeds", value, "--out", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert pd.main(["reproduce", "--stage2-seeds", "2", "--out", str(tmp_path)]) == 2
+    assert "--stage2-seeds needs --seeds" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+# ------------------------------- cool-down and autoguidance -------------------------------------
+
+def test_cooldown_holds_the_rate_then_decays_as_one_minus_sqrt_to_its_end_value_at_the_last_step():
+    cfg = dict(lr=2e-3, warmup=10, steps=100, cooldown=0.2, final_lr=5e-4)
+    lrs = [pd.learning_rate(cfg, s) for s in range(100)]
+    assert lrs[0] == pytest.approx(2e-4) and lrs[9] == lrs[79] == pytest.approx(2e-3)      # warm-up, constant
+    assert lrs[99] == pytest.approx(5e-4) and all(a > b for a, b in zip(lrs[80:], lrs[81:]))
+    assert lrs[84] == pytest.approx(5e-4 + 1.5e-3 * (1 - (5 / 20) ** 0.5))                # 1 - sqrt
+    assert [pd.learning_rate({**cfg, "cooldown": 0.0}, s) for s in (50, 99)] == [2e-3, 2e-3]
+
+
+def test_a_cooled_down_run_stopped_and_resumed_gives_the_weights_of_an_uninterrupted_one(tmp_path):
+    cfg = dict(steps=6, cooldown=0.5, final_lr=1e-4)
+
+    def stop_at_3(line):                                           # a SIGTERM during step 4: stops after it
+        if line.startswith("step 3/"):
+            os.kill(os.getpid(), signal.SIGTERM)
+    tiny_train(tmp_path, "ab", log_every=1, **cfg) if False else pd.train(
+        {**TINY_CFG, "out": str(tmp_path / "ab"), "ckpt_every": 100, **cfg}, log=stop_at_3)
+    assert pd.load_checkpoint(str(tmp_path / "ab" / "ckpt.pt"))["step"] == 4
+    pd.train({**TINY_CFG, "resume": str(tmp_path / "ab"), "steps": 6}, log=lambda s: None)
+    tiny_train(tmp_path, "straight", **cfg)
+    a, b = pd.load_checkpoint(str(tmp_path / "ab" / "ckpt.pt")), pd.load_checkpoint(str(tmp_path / "straight" / "ckpt.pt"))
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+def test_the_guide_snapshot_is_the_ema_at_its_stated_step(tmp_path):
+    tiny_train(tmp_path, "long", steps=5, guide_at=2)
+    tiny_train(tmp_path, "short", steps=2)
+    guide, short = pd.load_checkpoint(str(tmp_path / "long" / "guide.pt")), pd.load_checkpoint(str(tmp_path / "short" / "ckpt.pt"))
+    assert guide["step"] == 2 and all(torch.equal(guide["ema"][k], short["ema"][k]) for k in short["ema"])
+
+
+def test_autoguidance_is_guide_plus_w_times_main_minus_guide_on_v_and_costs_n_forwards_of_each():
+    main, guide = CountingModel(tiny_unet(seed=0).eval()), CountingModel(tiny_unet(seed=1).eval())
+    x, t, y = torch.randn(4, 3, 8, 8), torch.full((4,), 300), torch.tensor([0, 1, 2, 3])
+    v = pd.guided_v(main, x, t, y, 2.5, 0.0, guide=guide)
+    with torch.no_grad():
+        v_main, v_guide = main.model(x, t, y), guide.model(x, t, y)
+    assert torch.allclose(v, v_guide + 2.5 * (v_main - v_guide), atol=1e-5)
+    assert main.batches == [4] and guide.batches == [4]
+
+
+def test_autoguidance_with_w_one_or_with_the_model_itself_is_unguided_sampling():
+    s, model = pd.Schedule(1000), tiny_unet().eval()
+    noise, y = torch.randn(3, 3, 8, 8), torch.tensor([0, 1, 3])           # 3: the null label, unconditional
+    plain = pd.sample(model, s, noise.shape, y, steps=4, noise=noise)
+    assert torch.equal(pd.sample(model, s, noise.shape, y, steps=4, noise=noise, cfg_scale=1.0, guide=tiny_unet(seed=1)), plain)
+    assert torch.allclose(pd.sample(model, s, noise.shape, y, steps=4, noise=noise, cfg_scale=3.0, guide=model), plain, atol=1e-5)
+    other = pd.sample(model, s, noise.shape, y, steps=4, noise=noise, cfg_scale=3.0, guide=tiny_unet(seed=1).eval())
+    assert not torch.allclose(other, plain, atol=1e-3)
+
+
+# ---------------------------- precision, recall, density, coverage ----------------------------
+
+def gaussian(n, d=16, seed=0, shift=0.0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def test_knn_radius_excludes_the_point_itself():
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64).repeat(1, 2)
+    assert pd.knn_radius(x, 1).tolist() == pytest.approx([2 ** 0.5, 2 ** 0.5, 2 * 2 ** 0.5, 4 * 2 ** 0.5])
+    big = gaussian(300)                                            # past cdist's 25-row switch to matrix multiply
+    assert (pd.knn_radius(big, 1) > 0).all()
+
+
+def test_two_samples_of_one_distribution_give_density_near_one_and_coverage_near_its_expectation():
+    N, k = 600, 5
+    ind = pd.prdc_indicators(gaussian(N, seed=1), gaussian(N, seed=2))
+    expected = 1 - math.prod((N - i) / (2 * N - i) for i in range(1, k + 1))       # 0.969
+    assert ind["density"].mean().item() == pytest.approx(1.0, abs=0.1)
+    assert ind["coverage"].mean().item() == pytest.approx(expected, abs=0.025)
+    assert 0.4 < ind["precision"].mean().item() < 0.85 and 0.4 < ind["recall"].mean().item() < 0.85
+
+
+def test_dropping_half_the_modes_lowers_recall_and_coverage_and_keeps_precision():
+    centres = 6 * torch.eye(16, dtype=torch.float64)[:8]                           # 8 well-separated modes
+    real = centres[torch.arange(800) % 8] + gaussian(800, seed=1)
+    full = centres[torch.arange(800) % 8] + gaussian(800, seed=2)
+    half = centres[torch.arange(800) % 4] + gaussian(800, seed=2)                  # modes 4-7 missing
+    a, b = (pd.prdc_indicators(real, f) for f in (full, half))
+    m = lambda ind, k: ind[k].mean().item()
+    assert m(b, "recall") < m(a, "recall") - 0.25 and m(b, "coverage") < m(a, "coverage") - 0.3
+    assert m(b, "precision") == pytest.approx(m(a, "precision"), abs=0.08)
+
+
+@pytest.mark.parametrize("degrade", ["blur", "noise"])
+def test_blur_or_noise_lowers_precision_and_density(degrade, shapes_ruler):
+    real, _, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    x = pd.to_model_range(real[600:1000])
+    bad = F.avg_pool2d(x, 5, 1, 2) if degrade == "blur" else (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    good, _ = shapes_ruler.measure(x, None, resamples=20)
+    worse, _ = shapes_ruler.measure(bad, None, resamples=20)
+    for sfx in ("", "_random"):
+        assert worse["precision" + sfx] < good["precision" + sfx] - 0.05
+        assert worse["density" + sfx] < good["density" + sfx] - 0.05
+
+
+def test_prdc_bootstrap_resamples_indicators_so_duplicated_points_do_not_collapse_it(shapes_ruler):
+    # Resampling the *points* with replacement puts a duplicate at distance 0 from its copy (every radius
+    # shrinks, recall and coverage move); resampling the per-point indicators leaves their mean where it was.
+    real, _, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    res, boot = shapes_ruler.measure(pd.to_model_range(real[600:1000]), None, resamples=200)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert boot[key].mean().item() == pytest.approx(res[key], abs=0.01)
+        assert res[key + "_ci"][1] - res[key + "_ci"][0] > 0.01
