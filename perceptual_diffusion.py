@@ -510,7 +510,7 @@ def load_dataset(name, data_dir="data", image_size=32, train=True, seed=0):
     """Returns (images uint8 (N, 3, H, W), labels int64 (N,), class names, whether h-flips are allowed).
     `shapes`: built in; the test split is drawn from another seed. `cifar10`: torchvision, downloaded to
     data_dir. Anything else: a folder of images in class subfolders (torchvision's ImageFolder), resized and
-    centre-cropped; it has no held-out split, so train=False returns the same images."""
+    centre-cropped, split by heldout_split: train=False returns the held-out share, train=True the rest."""
     if name == "shapes":
         x, y = make_shapes(SHAPES_TRAIN if train else SHAPES_TEST, image_size, seed if train else seed + 1)
         return x, y, SHAPE_NAMES, True
@@ -525,8 +525,7 @@ def load_dataset(name, data_dir="data", image_size=32, train=True, seed=0):
         if image_size != 32:
             x = F.interpolate(x.float(), size=image_size, mode="bilinear", antialias=True).round().clamp(0, 255).byte()
         return x, torch.tensor(ds.targets), list(ds.classes), True
-    if not os.path.isdir(name):
-        raise UsageError(f"--data {name!r} is neither 'shapes', 'cifar10' nor an existing folder")
+    check_data(name)
     import torchvision.transforms as T
     tf = T.Compose([T.Resize(image_size), T.CenterCrop(image_size), T.PILToTensor()])
     try:
@@ -534,7 +533,31 @@ def load_dataset(name, data_dir="data", image_size=32, train=True, seed=0):
         x = torch.stack([ds[i][0] for i in range(len(ds))])
     except (FileNotFoundError, OSError, RuntimeError) as e:
         raise UsageError(f"cannot read images from {name!r}: {str(e).splitlines()[0]}")
-    return x, torch.tensor(ds.targets), list(ds.classes), True
+    y = torch.tensor(ds.targets)
+    if len(ds.classes) < 2:
+        raise UsageError(f"--data {name!r} has {len(ds.classes)} class folder(s); the comparison needs at least 2")
+    keep = heldout_split(y, seed) != train
+    return x[keep], y[keep], list(ds.classes), True
+
+
+def check_data(name):
+    """--data names the built-in shapes, CIFAR-10, or an existing folder: UsageError otherwise."""
+    if name not in ("shapes", "cifar10") and not os.path.isdir(name):
+        raise UsageError(f"--data {name!r} is neither 'shapes', 'cifar10' nor an existing folder")
+
+
+FOLDER_HELDOUT = 0.1    # the share of each class of a folder data set held out for the rulers' real statistics
+
+
+def heldout_split(y, seed):
+    """A fixed, seeded, class-stratified held-out split of a folder data set: FOLDER_HELDOUT of each class (at least
+    one image of a class with two or more), so that the rulers never measure against training images. (N,) bool."""
+    g, held = torch.Generator().manual_seed(seed), torch.zeros(len(y), dtype=torch.bool)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        k = max(1, round(FOLDER_HELDOUT * len(idx))) if len(idx) > 1 else 0
+        held[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
+    return held
 
 
 def to_model_range(x_uint8):
@@ -818,6 +841,7 @@ def check_config(cfg):
         raise UsageError("--loss self-perceptual needs --init STAGE1_RUN/ckpt.pt (a model trained with --loss mse)")
     if not int_list(cfg["channel_mult"]):
         raise UsageError("--channel-mult needs at least one level, such as 1,2,2")
+    check_data(cfg["data"])
 
 
 def check_same_arch(cfg, ckpt, path):
@@ -1374,7 +1398,7 @@ class Ruler:
                  classifier_steps=CLASSIFIER_STEPS, log=print):
         self.features, self.device = features, device
         heldout, heldout_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
-        split = "test" if data in ("shapes", "cifar10") else "train (a folder has no held-out split)"
+        split = "test" if data in ("shapes", "cifar10") else f"held-out {FOLDER_HELDOUT:.0%} of the folder's"
         real_n = min(real_n, len(heldout))                         # a small folder has fewer images
         self.heldout, self.heldout_y, self.real_n = heldout, heldout_y, real_n
         self.protocol = {"features": features, "second_features": "random", "real_images": real_n,
@@ -1608,6 +1632,10 @@ PAIRS = [  # (row a, row b, what the paired difference a - b asks)
     (9, 3, "autoguidance vs classifier-free guidance (conditional)"),
     (8, 10, "unconditional: self-perceptual vs MSE + autoguidance (the label-free rival)"),
 ]
+# The training flags that reproduce passes on (they override the preset's; the stages set loss, steps, lr, init).
+REPRODUCE_TRAIN_ARGS = {"data", "data_dir", "data_seed", "image_size", "no_flip", "channels", "channel_mult",
+                        "num_res_blocks", "attn_res", "dropout", "T", "betas", "batch_size", "lr", "warmup",
+                        "weight_decay", "grad_clip", "ema_decay", "label_dropout", "precision", "compile"}
 # The paper's ablations of the self-perceptual objective: one stage-2 run each, evaluated exactly like row 4.
 ABLATIONS = [("all-layers", "all layers (down + mid), each normalised", dict(sp_features="all")),
              ("t-prime-same", "t' = t", dict(sp_t_prime="same")),
@@ -1683,6 +1711,44 @@ def comparison_picture(models, schedule, rows, guidance, path, per_class, steps,
     canvas.save(path)
 
 
+def tradeoff_picture(res, path):
+    """The guidance trade-off (guidance_tradeoff.png): Frechet distance, precision and recall (1st ruler) against
+    the guidance scale w for the MSE model and the self-perceptual model, from the sweeps (w = 1: unguided), with
+    the unguided self-perceptual point ringed and the real-vs-real ceiling of precision and recall dashed."""
+    from PIL import Image, ImageDraw
+    curves = {"MSE": ((200, 60, 40), res["guidance_sweep"]), "self-perceptual": ((40, 90, 200), res["sp_guidance_sweep"])}
+    ceiling = res.get("sweep_prdc_ceiling") or {}
+    W, H, m = 260, 220, 40
+    canvas = Image.new("RGB", (3 * W + 20, H + 50), "white")
+    draw = ImageDraw.Draw(canvas)
+    ws = [p["cfg_scale"] for p in res["guidance_sweep"]]
+    for i, key in enumerate(["fd", "precision", "recall"]):
+        x0 = 10 + i * W
+        vals = [p[key] for _, pts in curves.values() for p in pts] + ([ceiling[key]] if key in ceiling else [])
+        lo, hi = min(vals), max(vals)
+        lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+        X = lambda w: x0 + m + (w - min(ws)) / (max(ws) - min(ws) or 1) * (W - m - 20)
+        Y = lambda v: 30 + (hi - v) / (hi - lo) * (H - 50)
+        draw.rectangle([x0 + m, 30, x0 + W - 20, H - 20], outline="black")
+        draw.text((x0 + m, 10), f"{key} ({res['protocol']['features']})" if key == "fd" else key, fill="black")
+        for v in (lo, hi):
+            draw.text((x0, Y(v) - 6), f"{v:.2f}", fill="black")
+        for w in ws:
+            draw.text((X(w) - 8, H - 15), f"w={w:g}", fill="black")
+        if key in ceiling:
+            for xa in range(int(X(min(ws))), int(X(max(ws))), 8):
+                draw.line([xa, Y(ceiling[key]), xa + 4, Y(ceiling[key])], fill="gray")
+        for name, (colour, pts) in curves.items():
+            draw.line([(X(p["cfg_scale"]), Y(p[key])) for p in pts], fill=colour, width=2)
+            for p in pts:
+                r = 6 if name == "self-perceptual" and p["cfg_scale"] == 1 else 3
+                draw.ellipse([X(p["cfg_scale"]) - r, Y(p[key]) - r, X(p["cfg_scale"]) + r, Y(p[key]) + r],
+                             outline=colour, fill=None if r == 6 else colour)
+    draw.text((10 + m, H + 25), "red: MSE + guidance;  blue: self-perceptual + guidance (ringed: unguided, w=1);  "
+              "gray dashes: real vs real", fill="black")
+    canvas.save(path)
+
+
 @torch.no_grad()
 def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, resamples=1000):
     """The paper's argument made visible: from the same x_t = alpha_t x0 + sigma_t eps of held-out images, each
@@ -1735,10 +1801,14 @@ def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, re
 
 
 def preset_settings(preset, overrides):
-    """The preset's settings with the given (non-None) overrides, checked before any work."""
+    """The preset's settings with the given (non-None) overrides, `train` ones merged into the preset's training
+    flags, checked before any work."""
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
-    return {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None}}
+    p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k != "train"}}
+    p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v not in (None, False)}}
+    check_config({**TRAIN_DEFAULTS, **p["train"]})
+    return p
 
 
 def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, ablations=False, stage1_out=None,
@@ -1841,12 +1911,13 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                                                     ((4, "against the paper's choice (row 4)"),
                                                      (2, "against MSE trained as long (row 2)"))]})
         result["ablations"] = abl
+    tradeoff_picture(result, os.path.join(out, "guidance_tradeoff.png"))
     result["wall_seconds"] = round(time.time() - t_start, 1)
     write_outputs(out, {"results.json": json.dumps(result, indent=1), "results.md": results_markdown(result)}, log)
     if ablations:
         write_outputs(out, {"ablations.json": json.dumps(result["ablations"], indent=1),
                             "ablations.md": ablations_markdown(result)}, log)
-    log(f"wrote {out}/results.md, results.json, comparison.png, x0_hat.png in {result['wall_seconds'] / 60:.1f} min")
+    log(f"wrote {out}/results.md, results.json, comparison.png, x0_hat.png, guidance_tradeoff.png in {result['wall_seconds'] / 60:.1f} min")
     return result
 
 
@@ -2188,10 +2259,14 @@ def step_times(cfg, iters, sample_steps):
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
     x0, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
 
+    first = []
+
     def timed(fn, n):
+        t0 = time.time()
         fn()                                                       # warm-up (and compilation)
         if device.type == "cuda":
             torch.cuda.synchronize()
+        first.append(time.time() - t0)
         t0 = time.time()
         for _ in range(n):
             fn()
@@ -2222,7 +2297,7 @@ def step_times(cfg, iters, sample_steps):
     t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), interval=timed(sampler(3.0, (lo, hi)), 1),
              interval_guided_steps=sum(lo < edm_sigma(schedule.alpha_bar[k].item()) <= hi
                                        for k in schedule.timesteps(sample_steps).tolist()),
-             params=sum(p.numel() for p in model.parameters()), cfg=cfg)
+             params=sum(p.numel() for p in model.parameters()), cfg=cfg, first_step_seconds=first[0])
     return t
 
 
@@ -2285,6 +2360,70 @@ def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides)
     return {"parts": {name: sec for name, sec in parts}, "total_seconds": total}
 
 
+def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
+    """Every accelerator path once, timed, in one command (a few minutes on a data-centre GPU; --tiny on a CPU is
+    how the test suite runs it): training img/s of both objectives in fp32 and bf16 with the cifar10 preset's
+    model on the built-in shapes at 32 px (no network needed), torch.compile (first step and speed), a 1-rank
+    torchrun DDP run (nccl on CUDA), unguided and guided sampling at the training batch, peak memory, a tiny
+    end-to-end reproduce, and the cifar10 preset's projected cost. Writes one JSON; returns the failures."""
+    import platform
+    import subprocess
+    import tempfile
+    dev = torch.device(device)
+    model_keys = ["channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "batch_size"]
+    cfg = {**{k: PRESETS["cifar10"]["train"][k] for k in model_keys}, "image_size": 32, "device": device}
+    if tiny:
+        cfg.update(channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="", batch_size=4, image_size=8)
+    figures = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "config": cfg}
+    failures = {}
+
+    def part(name, fn):
+        t0 = time.time()
+        try:
+            figures[name] = fn()
+            log(f"{name}: {json.dumps(figures[name])} ({time.time() - t0:.0f} s)")
+        except Exception as e:                                     # every path is tried; each failure is reported
+            failures[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            log(f"{name}: FAILED {failures[name]}")
+
+    def speeds(**kw):
+        t = step_times({**cfg, **kw}, iters=2 if tiny else 20, sample_steps=2 if tiny else 20)
+        B = cfg["batch_size"]
+        return {"train_img_s_mse": B / t["mse"], "train_img_s_self_perceptual": B / t["self-perceptual"],
+                "sample_img_s_unguided": B / t["unguided"], "sample_img_s_guided": B / t["guided"],
+                "guided_unguided_cost": t["guided"] / t["unguided"], "first_step_seconds": t["first_step_seconds"]}
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for precision in ("fp32", "bf16"):
+        part(precision, lambda: speeds(precision=precision))
+    part("compile_bf16", lambda: speeds(precision="bf16", compile=True))
+    figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        def ddp():
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", __file__,
+                    "train", "--steps", "4", "--out", os.path.join(tmp, "ddp"), "--device", device, "--sample-every", "0",
+                    *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "device"]]
+            t0 = time.time()
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            if r.returncode:
+                raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
+            return {"seconds": time.time() - t0, "backend": "nccl" if dev.type == "cuda" else "gloo"}
+        part("ddp_torchrun_1_rank", ddp)
+        part("reproduce_smoke", lambda: {"minutes": reproduce("smoke", os.path.join(tmp, "r"), device,
+                                                              log=lambda s: None)["wall_seconds"] / 60})
+    if "bf16" in figures:                                          # stage 1 + stage 2 + control, at the bf16 speeds
+        c, f = PRESETS["cifar10"], figures["bf16"]
+        figures["cifar10_preset_training_hours"] = c["train"]["batch_size"] / 3600 * (
+            (c["stage1_steps"] + c["stage2_steps"]) / f["train_img_s_mse"] + c["stage2_steps"] / f["train_img_s_self_perceptual"])
+    figures["failures"] = failures
+    with open(out, "w") as f:
+        json.dump(figures, f, indent=1)
+    log(f"wrote {out}: {len(failures)} failure(s)")
+    return failures
+
+
 # =================================================================================================
 #                                       9. Command line
 # =================================================================================================
@@ -2296,14 +2435,15 @@ class Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 
-def add_train_args(p, names=None):
+def add_train_args(p, names=None, override=False):
     """One flag per row of TRAIN_ARGS (or the rows in `names`): --data-dir for data_dir, a switch for booleans,
-    the row's range as the flag's type or choices."""
+    the row's range as the flag's type or choices. override: the default is None (the preset's value stands)."""
     for name, default, check, help in TRAIN_ARGS:
         if names is not None and name not in names:
             continue
         flag = "--" + name.replace("_", "-")
-        help = help if "default" in help else f"{help} (default: {default})"
+        help = help if "default" in help else f"{help} (default: {'the preset' if override else default})"
+        default = None if override and not isinstance(default, bool) else default
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=help)
         elif isinstance(check, tuple):
@@ -2348,6 +2488,8 @@ def add_sampling_args(p):
     p.add_argument("--cfg-interval", type=interval_arg, default=(0.0, math.inf), metavar="LO,HI",
                    help="guide only at noise levels sigma_t/alpha_t in (LO, HI] (Kynkaanniemi et al. 2024; "
                         "default: 0,inf = every step)")
+    p.add_argument("--guide", default="", help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same model, "
+                   "such as RUN/guide.pt that stage 1 saved on its way; --cfg is then its weight w")
     p.add_argument("--eta", type=UNIT, default=0.0, help="0 = deterministic DDIM, 1 = ancestral (default: 0)")
     p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"], help="timestep spacing (default: trailing)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of the initial noise (default: 0)")
@@ -2404,6 +2546,11 @@ def build_parser():
                    "self-perceptual objective; writes ablations.md and ablations.json")
     p.add_argument("--estimate", action="store_true", help="time a few steps of each stage and of sampling and print "
                    "the projected wall time; train nothing")
+    add_train_args(p, REPRODUCE_TRAIN_ARGS, override=True)
+    p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
+    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON of figures (default: gpu_check.json)")
     p = sub.add_parser("bench", help="parameters, training and sampling images/s for the model flags")
     add_train_args(p, {"image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
                        "batch_size", "device", "precision", "compile"})
@@ -2414,17 +2561,24 @@ def build_parser():
 
 
 def load_for_sampling(args):
-    """The EMA model of a checkpoint, on args.device, with the label and guidance flags checked."""
+    """The EMA model of a checkpoint (and of the --guide checkpoint), on args.device, with the label and guidance
+    flags checked."""
     ckpt = load_checkpoint(args.ckpt)
     model = model_from_checkpoint(ckpt).to(args.device).eval()
     if args.label is not None and not 0 <= args.label <= model.num_classes:
         raise UsageError(f"--label {args.label} is outside 0..{model.num_classes} ({model.num_classes}: unconditional)"
                          if model.num_classes else "--label: this model is unconditional")
-    if args.cfg != 1.0 and not model.num_classes:
-        raise UsageError("--cfg: guidance needs a class-conditional model, this one is unconditional")
+    guide = None
+    if args.guide:
+        g = load_checkpoint(args.guide)
+        check_same_arch(ckpt["config"], g, args.guide)
+        guide = model_from_checkpoint(g).to(args.device).eval()
+    elif args.cfg != 1.0 and not model.num_classes:
+        raise UsageError("--cfg: this model is unconditional, and classifier-free guidance needs labels (--guide CKPT "
+                         "gives autoguidance)")
     if args.steps > ckpt["config"]["T"]:
         raise UsageError(f"argument --steps: must be at most the model's T = {ckpt['config']['T']}, got {args.steps}")
-    return ckpt, model
+    return ckpt, model, guide
 
 
 def main(argv=None):
@@ -2456,21 +2610,22 @@ def main(argv=None):
             for flag, path, exts in (("--out", args.out, image_extensions()), ("--npz", args.npz, [".npz"])):
                 if path:
                     writable_file(path, flag, exts)                # before the model is loaded or sampled
-            ckpt, model = load_for_sampling(args)
+            ckpt, model, guide = load_for_sampling(args)
             x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale,
-                            args.eta, args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval)
+                            args.eta, args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval,
+                            guide)
             save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
             print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
         elif args.command == "evaluate":
             if args.json:
                 writable_file(args.json, "--json", [".json"])
-            ckpt, model = load_for_sampling(args)
+            ckpt, model, guide = load_for_sampling(args)
             c = ckpt["config"]
             ruler = Ruler(args.features, c["data"], c["data_dir"], c["image_size"], c["data_seed"], args.real_n,
                           torch.device(args.device), classifier_steps=args.classifier_steps)
             res, _ = evaluate_model(model, schedule_from(c), ruler, args.n, args.steps, args.cfg, args.cfg_rescale,
                                     args.eta, args.spacing, args.seed, args.batch, args.precision, args.label,
-                                    args.resamples, args.cfg_interval)
+                                    args.resamples, args.cfg_interval, guide)
             res["checkpoint"], res["train_steps"] = args.ckpt, ckpt.get("total_steps", ckpt["step"])
             print(json.dumps(res))
             if args.json:
@@ -2482,7 +2637,7 @@ def main(argv=None):
                                   f"JSON line printed above")
         elif args.command == "reproduce":
             overrides = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
-                             cooldown=args.cooldown)
+                             cooldown=args.cooldown, train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
             if args.stage2_seeds and not args.seeds:
                 raise UsageError("--stage2-seeds needs --seeds")
             if args.estimate:
@@ -2492,6 +2647,9 @@ def main(argv=None):
                                 ablations=args.ablations, **overrides)
             else:
                 reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations, **overrides)
+        elif args.command == "gpucheck":
+            writable_file(args.out, "--out", [".json"])
+            return 1 if gpu_check(args.device, args.tiny, args.out) else 0
         elif args.command == "bench":
             cfg = vars(args).copy()
             bench(cfg, cfg.pop("iters"))

@@ -683,8 +683,17 @@ def test_image_folder_with_class_subfolders_gives_labels_and_size(tmp_path):
         for i in range(3):
             Image.new("RGB", (40, 30), colour).save(tmp_path / c / f"{i}.png")
     x, y, names, _ = pd.load_dataset(str(tmp_path), image_size=16)
-    assert x.shape == (6, 3, 16, 16) and x.dtype == torch.uint8 and names == ["cats", "dogs"]
-    assert y.tolist() == [0, 0, 0, 1, 1, 1] and x[0, 0].float().mean() > 250 and x[5, 2].float().mean() > 250
+    assert x.shape == (4, 3, 16, 16) and x.dtype == torch.uint8 and names == ["cats", "dogs"]
+    assert y.tolist() == [0, 0, 1, 1] and x[0, 0].float().mean() > 250 and x[3, 2].float().mean() > 250
+    held, held_y, _, _ = pd.load_dataset(str(tmp_path), image_size=16, train=False)
+    assert held_y.tolist() == [0, 1]                               # one image of each class held out for the rulers
+
+
+def test_folder_heldout_split_is_stratified_seeded_and_disjoint_from_training():
+    y = torch.arange(200) % 4
+    a, b = pd.heldout_split(y, seed=0), pd.heldout_split(y, seed=1)
+    assert torch.equal(a, pd.heldout_split(y, seed=0)) and not torch.equal(a, b)
+    assert [int(a[y == c].sum()) for c in range(4)] == [5, 5, 5, 5]        # 10% of each class
 
 
 def test_unknown_flag_is_one_line_and_exit_code_2(capsys):
@@ -1340,8 +1349,7 @@ def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(t
             raise KeyboardInterrupt                                  # the run is stopped during seed 1
         return real(preset, out, device, seed, *a, **kw)
     monkeypatch.setattr(pd, "reproduce", failing_second_seed)
-    with pytest.raises(KeyboardInterrupt):
-        pd.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")])
+    assert pd.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")]) == 130
     monkeypatch.setattr(pd, "reproduce", real)
     assert pd.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")]) == 0
     out = capsys.readouterr().out
@@ -1476,3 +1484,81 @@ def test_prdc_bootstrap_resamples_indicators_so_duplicated_points_do_not_collaps
     for key in ("precision", "recall", "density", "coverage"):
         assert boot[key].mean().item() == pytest.approx(res[key], abs=0.01)
         assert res[key + "_ci"][1] - res[key + "_ci"][0] > 0.01
+
+
+# ------------------------------------- your data, your GPU -------------------------------------
+
+def make_folder(path, classes=2, per_class=40, size=20):
+    """A small data set of class subfolders: each class a colour, each image a noisy square of it."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        (path / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = np.full((size, size, 3), 40, np.uint8)
+            img[4:16, 4:16] = [(200, 30, 30), (30, 30, 200), (30, 200, 30)][c]
+            img = np.clip(img + g.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(path / f"class{c}" / f"{i}.png")
+    return str(path)
+
+
+def test_reproduce_runs_the_whole_comparison_on_a_folder_of_class_subfolders(tmp_path, capsys):
+    folder = make_folder(tmp_path / "mydata")
+    argv = ["reproduce", "--preset", "smoke", "--data", folder, "--image-size", "16", "--channels", "8",
+            "--batch-size", "4", "--out", str(tmp_path / "r")]
+    assert pd.main(argv) == 0
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["train"]["data"] == folder and res["train"]["batch_size"] == 4 and res["train"]["channels"] == 8
+    assert res["protocol"]["real_split"].startswith("held-out 10%") and res["protocol"]["real_images"] == 8
+    assert [r["row"] for r in res["rows"]] == list(range(1, 11)) and res["verdicts"]
+    assert (tmp_path / "r" / "comparison.png").is_file() and (tmp_path / "r" / "guidance_tradeoff.png").is_file()
+    assert pd.load_checkpoint(str(tmp_path / "r" / "mse" / "ckpt.pt"))["config"]["num_classes"] == 2
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "neither 'shapes', 'cifar10' nor an existing folder"),
+    (["--channels", "0"], "argument --channels: must be a positive integer"),
+    (["--lr", "-1"], "argument --lr: must be a positive number"),
+    (["--channel-mult", "1,x"], "argument --channel-mult"),
+    (["--betas", "square"], "argument --betas: invalid choice")])
+def test_reproduce_data_and_model_flags_refuse_bad_values_with_one_line_before_any_work(argv, message, tmp_path, capsys):
+    assert pd.main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "r" / "mse").exists()
+
+
+def test_reproduce_estimate_takes_the_model_flags(capsys):
+    assert pd.main(["reproduce", "--preset", "smoke", "--estimate", "--channels", "16", "--image-size", "8"]) == 0
+    small = capsys.readouterr().out
+    assert pd.main(["reproduce", "--preset", "smoke", "--estimate", "--channels", "8", "--image-size", "8"]) == 0
+    param = lambda out: float(out.split("(")[1].split("M parameters")[0])
+    assert param(small) > param(capsys.readouterr().out)
+
+
+def test_sample_with_a_guide_checkpoint_is_autoguidance_and_refuses_another_model(tmp_path, capsys):
+    tiny_train(tmp_path, steps=3, guide_at=1)
+    run = str(tmp_path / "run")
+    argv = ["sample", "--ckpt", f"{run}/ckpt.pt", "--guide", f"{run}/guide.pt", "--cfg", "2", "--steps", "2", "--n", "4",
+            "--label", "10", "--out", str(tmp_path / "g.png")]
+    assert pd.main(argv) == 0 and (tmp_path / "g.png").is_file()
+    tiny_train(tmp_path, "wide", steps=1, channels=16)
+    argv[argv.index("--guide") + 1] = str(tmp_path / "wide" / "ckpt.pt")
+    assert pd.main(argv) == 2 and "channels" in capsys.readouterr().err
+
+
+def test_gpu_check_runs_every_path_on_the_cpu_in_tiny_mode_and_writes_every_field(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model: model)   # compiling takes minutes on a CPU; the plumbing is tested
+    out = tmp_path / "gpu.json"
+    assert pd.gpu_check("cpu", tiny=True, out=str(out), log=lambda s: None) == {}
+    figures = json.loads(out.read_text())
+    assert {"device", "torch", "config", "fp32", "bf16", "compile_bf16", "peak_memory_gb", "ddp_torchrun_1_rank",
+            "reproduce_smoke", "cifar10_preset_training_hours", "failures"} <= figures.keys()
+    for part in ("fp32", "bf16", "compile_bf16"):
+        assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_unguided_cost"] > 0
+    assert figures["ddp_torchrun_1_rank"]["backend"] == "gloo" and figures["cifar10_preset_training_hours"] > 0
+
+
+def test_gpu_check_reports_a_failing_path_and_exits_non_zero(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch, "compile", lambda model: 1 / 0)
+    assert pd.main(["gpucheck", "--device", "cpu", "--tiny", "--out", str(tmp_path / "g.json")]) == 1
+    assert "ZeroDivisionError" in json.loads((tmp_path / "g.json").read_text())["failures"]["compile_bf16"]
