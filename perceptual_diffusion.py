@@ -1400,7 +1400,7 @@ class Ruler:
         heldout, heldout_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
         split = "test" if data in ("shapes", "cifar10") else f"held-out {FOLDER_HELDOUT:.0%} of the folder's"
         real_n = min(real_n, len(heldout))                         # a small folder has fewer images
-        self.heldout, self.heldout_y, self.real_n = heldout, heldout_y, real_n
+        self.heldout, self.heldout_y, self.real_n, self.class_names = heldout, heldout_y, real_n, names
         self.protocol = {"features": features, "second_features": "random", "real_images": real_n,
                          "real_split": split, "data": data}
         if features == "classifier":
@@ -1687,10 +1687,11 @@ def run_stage(cfg, log):
     return model, stats
 
 
-def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision):
-    """One labelled column per conditional row, the same classes and the same initial noise in every column."""
+def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision, class_names=()):
+    """One labelled column per conditional row, one line per class (named on the left), the same classes and the
+    same initial noise in every column: read across a line to compare the rows on one class and one x_T."""
     from PIL import Image, ImageDraw
-    scale, pad, head = max(2, 64 // models["mse"].image_size), 8, 30
+    scale, pad, head, left = max(2, 64 // models["mse"].image_size), 8, 30, 70
     columns = []
     for row, name, key, mode in rows:
         m = models[key]
@@ -1702,10 +1703,13 @@ def comparison_picture(models, schedule, rows, guidance, path, per_class, steps,
         title = f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if mode == "cfg" else "no guidance")
         columns.append((title, Image.fromarray(grid.numpy()).resize((per_class * s * scale, k * s * scale), Image.NEAREST)))
     width = max(160, columns[0][1].width)
-    canvas = Image.new("RGB", (len(columns) * (width + pad) + pad, columns[0][1].height + head + pad), "white")
+    canvas = Image.new("RGB", (left + len(columns) * (width + pad) + pad, columns[0][1].height + head + pad), "white")
     draw = ImageDraw.Draw(canvas)
+    line = columns[0][1].height // max(len(class_names), 1)
+    for j, c in enumerate(class_names):
+        draw.text((4, head + j * line + line // 2 - 5), c, fill="black")
     for i, (title, col) in enumerate(columns):
-        x0 = pad + i * (width + pad)
+        x0 = left + pad + i * (width + pad)
         draw.multiline_text((x0, 3), title, fill="black")
         canvas.paste(col, (x0 + (width - col.width) // 2, head))
     canvas.save(path)
@@ -1888,7 +1892,8 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
         rows[spec[0]], boots[spec[0]] = evaluate_row(*spec)
     verdicts = [verdict(a, b, what, rows, boots) for a, b, what in PAIRS]
     comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guidance["cfg"],
-                       os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"])
+                       os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"],
+                       ruler.class_names)
     x0_numbers = x0_hat_study({"MSE": models["mse"], "self-perceptual": models["self-perceptual"]}, schedule, ruler,
                               p["x0_n"], p["x0_show"], os.path.join(out, "x0_hat.png"), cfg["precision"], seed,
                               p["resamples"])
@@ -2169,8 +2174,8 @@ def results_markdown(res):
                                                       f"{fmt_ci(v['fd_ci'])}" for k, v in row.items() if k != "t") + " |")
     r0 = rows[0]
     lines += ["", f"Protocol: {r0['samples']} samples per row, {r0['sampler']} eta={r0['eta']}, {r0['steps']} steps, "
-              f"{r0['spacing']} spacing, seed {r0['seed']}, labels cycling through the classes (rows 6-8: the null "
-              f"label), the same initial noise in every row; real statistics from {proto['real_images']} "
+              f"{r0['spacing']} spacing, seed {r0['seed']}, labels cycling through the classes (rows 6-8 and 10: the "
+              f"null label), the same initial noise in every row; real statistics from {proto['real_images']} "
               f"{proto['data']} images of the {proto['real_split']} split; first ruler: {first}"
               + (f" (its accuracy on those real images: {proto['classifier_accuracy_on_real']:.3f})"
                  if "classifier_accuracy_on_real" in proto else "") + "; second ruler: fixed random features. "
@@ -2180,7 +2185,10 @@ def results_markdown(res):
               "cubic kernel) is not, and scores about 0 there.", "",
               "Guidance sweep for row 3 (other seed, " + f"{res['settings']['sweep_n']} samples): " +
               ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in res["guidance_sweep"]) +
-              f"; chosen w={res['guidance'][0]:g}, phi={res['guidance'][1]:g}.", "",
+              f"; chosen w={res['guidance'][0]:g}, phi={res['guidance'][1]:g}. Autoguidance sweep (null label; guide: "
+              f"stage 1's EMA at 1/8 of its steps): " + ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in
+                                                                   res["autoguidance_sweep"]) +
+              f"; chosen w={res['autoguidance'][0]:g} for rows 9 and 10.", "",
               f"Wall time {res['wall_seconds'] / 60:.1f} min on {res['device']} ({res['torch_threads']} torch threads)"
               + (f"; stages reused from an earlier run: {', '.join(res['reused_stages'])}" if res["reused_stages"] else "")
               + "."]
