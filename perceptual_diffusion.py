@@ -2128,7 +2128,7 @@ def results_markdown(res):
     rows, proto, real = res["rows"], res["protocol"], res["real"]
     first = proto["features"]
     second = "IS" if first == "inception" else "cond. accuracy"
-    c = lambda r, k: f"{r[k]:.3f} {fmt_ci(r[k + '_ci'])}" if k in r else "-"
+    c = cell
     lines = [f"| row | model | sampled | train steps | Frechet distance ({first}) | Frechet distance (random features) | "
              f"KID ({first}) | KID (random features) | {second} | class entropy | rarest class | sampling s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -2159,11 +2159,8 @@ def results_markdown(res):
     lines += ["", f"Paired differences (row a - row b: the rows share their initial noise and labels; 95% paired "
               f"bootstrap interval, {rows[0]['bootstrap_resamples']} resamples). These verdicts rest on ONE training run "
               f"of each stage (seed {res['train']['seed']}) and {rows[0]['samples']} samples per row: they describe this "
-              "run, not the method (reproduce --seeds K pools K training runs):", "",
-              "| a - b | question | metric | difference [95% interval] | verdict |", "|---|---|---|---|---|"]
-    for v in res["verdicts"]:
-        lines += [f"| {v['a']} - {v['b']} | {v['what']} | {name} | {v[k]['diff']:+.4f} {fmt_ci(v[k]['ci'])} | "
-                  f"{v[k]['verdict']} |" for k, name, _ in VERDICT_METRICS if k in v]
+              "run, not the method (reproduce --seeds K pools K training runs):", ""]
+    lines += verdict_lines(res["verdicts"])
     lines += ["", rulers_line(res["verdicts"]), "", convergence_line(res)]
     lines += ["", "x0_hat from one step (`x0_hat.png`): high-frequency energy relative to real images (1 = as sharp)"
               f" and Frechet distance ({first}) to the real images, on {res['settings']['x0_n']} held-out images:", "",
@@ -2193,6 +2190,18 @@ def results_markdown(res):
               + (f"; stages reused from an earlier run: {', '.join(res['reused_stages'])}" if res["reused_stages"] else "")
               + "."]
     return "\n".join(lines) + "\n"
+
+
+def cell(r, k):
+    """A row's metric k with its interval, as text ("-" when the row has none)."""
+    return f"{r[k]:.3f} {fmt_ci(r[k + '_ci'])}" if k in r else "-"
+
+
+def verdict_lines(verdicts):
+    """The paired verdicts as a table, one line per pair and metric."""
+    return ["| a - b | question | metric | difference [95% interval] | verdict |", "|---|---|---|---|---|"] + [
+        f"| {v['a']} - {v['b']} | {v['what']} | {name} | {v[k]['diff']:+.4f} {fmt_ci(v[k]['ci'])} | {v[k]['verdict']} |"
+        for v in verdicts for k, name, _ in VERDICT_METRICS if k in v]
 
 
 def rulers_line(verdicts):
@@ -2228,21 +2237,14 @@ def convergence_line(res):
 
 def ablations_markdown(res):
     """The ablation table: each variant evaluated exactly like row 4, with paired verdicts against rows 4 and 2."""
-    lines = ["| variant | Frechet distance (1st ruler) | Frechet distance (random) | cond. accuracy | - row 4 (1st / random) "
-             "| - row 2 (1st / random) |", "|---|---|---|---|---|---|"]
-    row4 = next(r for r in res["rows"] if r["row"] == 4)
-    lines.append(f"| the paper's (row 4) | {row4['fd']:.3f} {fmt_ci(row4['fd_ci'])} | {row4['fd_random']:.3f} "
-                 f"{fmt_ci(row4['fd_random_ci'])} | {row4.get('cond_acc', float('nan')):.3f} | - | - |")
-    for a in res["ablations"]:
-        r = a["ablation"]
-        cells = [f"{v['fd']['diff']:+.3f} {fmt_ci(v['fd']['ci'])} / {v['fd_random']['diff']:+.3f} "
-                 f"{fmt_ci(v['fd_random']['ci'])}: {v['fd']['verdict']} / {v['fd_random']['verdict']}" for v in a["verdicts"]]
-        lines.append(f"| {r['name']} | {r['fd']:.3f} {fmt_ci(r['fd_ci'])} | {r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])} "
-                     f"| {r.get('cond_acc', float('nan')):.3f} | " + " | ".join(cells) + " |")
+    keys = ["fd", "fd_random", "kid", "precision", "recall", "cond_acc"]
+    rows = [next(r for r in res["rows"] if r["row"] == 4)] + [a["ablation"] for a in res["ablations"]]
+    lines = ["| row | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {r['row']} | {r['name']} | " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
     lines += ["", f"Each variant: {res['settings']['stage2_steps']} stage-2 steps at lr {res['settings']['stage2_lr']:g} "
               "from the same stage-1 checkpoint as row 4, sampled and measured exactly like row 4 (same noise, labels "
-              "and rulers); intervals are 95% paired bootstrap intervals."]
-    return "\n".join(lines) + "\n"
+              "and rulers); 95% paired bootstrap intervals, one training run:", ""]
+    return "\n".join(lines + verdict_lines([v for a in res["ablations"] for v in a["verdicts"]])) + "\n"
 
 
 # =================================================================================================
@@ -2320,7 +2322,8 @@ def bench(cfg, iters=5, log=print):
            "sample_img_s_50_steps": B / t["unguided"], "sample_img_s_50_steps_guided": B / t["guided"],
            "guided_step_ratio": t["guided"] / t["unguided"], "max_forward_batch": max_forward_batch(cfg["device"]),
            "cfg_interval": list(cfg["cfg_interval"]), "cfg_interval_guided_steps": t["interval_guided_steps"],
-           "sample_img_s_50_steps_interval": B / t["interval"], "interval_step_ratio": t["interval"] / t["unguided"]}
+           "sample_img_s_50_steps_interval": B / t["interval"], "interval_step_ratio": t["interval"] / t["unguided"],
+           "first_step_seconds": t["first_step_seconds"]}
     lo, hi = cfg["cfg_interval"]
     log(f"model {res['params'] / 1e6:.2f}M parameters | {cfg['device']}, batch {B}, precision {cfg['precision']}, "
         f"{res['threads']} threads")
@@ -2370,10 +2373,11 @@ def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides)
 
 def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
     """Every accelerator path once, timed, in one command (a few minutes on a data-centre GPU; --tiny on a CPU is
-    how the test suite runs it): training img/s of both objectives in fp32 and bf16 with the cifar10 preset's
-    model on the built-in shapes at 32 px (no network needed), torch.compile (first step and speed), a 1-rank
-    torchrun DDP run (nccl on CUDA), unguided and guided sampling at the training batch, peak memory, a tiny
-    end-to-end reproduce, and the cifar10 preset's projected cost. Writes one JSON; returns the failures."""
+    how the test suite runs it): bench's figures (training img/s of both objectives, sampling img/s unguided and
+    guided at the training batch) in fp32, bf16 and compiled bf16 (with its first step, compilation included),
+    with the cifar10 preset's model on the built-in shapes at 32 px (no network needed); a 1-rank torchrun DDP run
+    (nccl on CUDA); peak memory; a tiny end-to-end reproduce; the cifar10 preset's projected training hours.
+    Writes one JSON; returns the failures."""
     import platform
     import subprocess
     import tempfile
@@ -2395,13 +2399,7 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
             failures[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
             log(f"{name}: FAILED {failures[name]}")
 
-    def speeds(**kw):
-        t = step_times({**cfg, **kw}, iters=2 if tiny else 20, sample_steps=2 if tiny else 20)
-        B = cfg["batch_size"]
-        return {"train_img_s_mse": B / t["mse"], "train_img_s_self_perceptual": B / t["self-perceptual"],
-                "sample_img_s_unguided": B / t["unguided"], "sample_img_s_guided": B / t["guided"],
-                "guided_unguided_cost": t["guided"] / t["unguided"], "first_step_seconds": t["first_step_seconds"]}
-
+    speeds = lambda **kw: bench({**cfg, **kw}, iters=2 if tiny else 20, log=lambda s: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
     for precision in ("fp32", "bf16"):

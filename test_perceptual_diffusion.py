@@ -1554,14 +1554,14 @@ def test_gpu_check_runs_every_path_on_the_cpu_in_tiny_mode_and_writes_every_fiel
     assert {"device", "torch", "config", "fp32", "bf16", "compile_bf16", "peak_memory_gb", "ddp_torchrun_1_rank",
             "reproduce_smoke", "cifar10_preset_training_hours", "failures"} <= figures.keys()
     for part in ("fp32", "bf16", "compile_bf16"):
-        assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_unguided_cost"] > 0
+        assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_step_ratio"] > 0
     assert figures["ddp_torchrun_1_rank"]["backend"] == "gloo" and figures["cifar10_preset_training_hours"] > 0
 
 
 def test_gpu_check_reports_every_failing_path_and_exits_non_zero(tmp_path, monkeypatch):
     def fail(*a, **kw):
         raise RuntimeError("CUDA error: an illegal memory access")
-    for name in ("step_times", "reproduce"):
+    for name in ("bench", "reproduce"):
         monkeypatch.setattr(pd, name, fail)
     monkeypatch.setattr(subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 1, "", "NCCL error\n"))
     assert pd.main(["gpucheck", "--device", "cpu", "--tiny", "--out", str(tmp_path / "g.json")]) == 1
