@@ -1114,12 +1114,6 @@ def frechet_distances(mu, cov, mu_r, cov_r, cov_r_half=None):
     return ((mu - mu_r) ** 2).sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + cov_r.trace() - 2 * tr_covmean
 
 
-def frechet_distance(mu1, cov1, mu2, cov2):
-    """The Frechet distance between two Gaussians (FID's formula when the features are Inception's)."""
-    mu1, cov1, mu2, cov2 = (torch.as_tensor(a, dtype=torch.float64) for a in (mu1, cov1, mu2, cov2))
-    return float(frechet_distances(mu1[None], cov1[None], mu2, cov2)[0])
-
-
 def feature_stats(f, w=None):
     """Mean and covariance of features f (N, D) in float64; with resampling weights w (B, N), whose rows are
     counts summing to N, one (mean, covariance) per row: (B, D), (B, D, D)."""
