@@ -1000,7 +1000,8 @@ def train(cfg, log=print):
             json.dump(cfg, f, indent=1)
         if cfg["resume"]:
             log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
-        log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images, {cfg['num_classes']} classes), "
+        held = "" if cfg["data"] in ("shapes", "cifar10") else f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
+        log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images{held}, {cfg['num_classes']} classes), "
             f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
 
     def checkpoint():

@@ -1518,6 +1518,7 @@ def test_reproduce_runs_the_whole_comparison_on_a_folder_of_class_subfolders(tmp
     assert [r["row"] for r in res["rows"]] == list(range(1, 11)) and res["verdicts"]
     assert (tmp_path / "r" / "comparison.png").is_file() and (tmp_path / "r" / "guidance_tradeoff.png").is_file()
     assert pd.load_checkpoint(str(tmp_path / "r" / "mse" / "ckpt.pt"))["config"]["num_classes"] == 2
+    assert "(72 images; 10% of each class held out for the rulers, 2 classes)" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("argv, message", [
