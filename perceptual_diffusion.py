@@ -18,15 +18,16 @@ The file reads top to bottom beside the papers:
   9. command line
 
 Run (the built-in `shapes` data needs no network):
-  python perceptual_diffusion.py                                   # = reproduce --preset cpu (13 min, 2 CPU cores)
+  python perceptual_diffusion.py                                   # = reproduce --preset cpu (3-15 min, 2 CPU cores)
+  python perceptual_diffusion.py reproduce --seeds 5               # verdicts about the method, pooled over 5 seeds
   python perceptual_diffusion.py reproduce --ablations             # + the paper's ablations (reuses finished stages)
   python perceptual_diffusion.py reproduce --preset cpu-long       # a stage 1 trained 5x longer (<= 60 min)
-  python perceptual_diffusion.py reproduce --estimate              # what a run costs on this machine, before running it
+  python perceptual_diffusion.py reproduce --data FOLDER --estimate   # your data (class subfolders); the cost first
   python perceptual_diffusion.py train --loss mse --out runs/mse   # stage 1
   python perceptual_diffusion.py train --loss self-perceptual --init runs/mse/ckpt.pt --out runs/sp   # stage 2
   python perceptual_diffusion.py sample --ckpt runs/sp/ckpt.pt --n 64 --out grid.png
   python perceptual_diffusion.py evaluate --ckpt runs/sp/ckpt.pt --n 1000
-  python perceptual_diffusion.py bench
+  python perceptual_diffusion.py bench                             # or gpucheck: every GPU path, timed
 On several GPUs (data parallel; --batch-size is the global batch):
   torchrun --standalone --nproc_per_node=8 perceptual_diffusion.py train --data cifar10 --loss mse ...
 """
