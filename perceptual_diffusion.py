@@ -862,9 +862,8 @@ def weights_hash(state):
     return h.hexdigest()[:16]
 
 
-def origin_of(init_path):
-    """What a stage 2 starts from: the --init checkpoint's total training steps and the hash of its EMA weights."""
-    init = load_checkpoint(init_path)
+def origin_of(init):
+    """What a stage 2 starts from: its (loaded) --init checkpoint's total training steps and the hash of its EMA."""
     return {"init_steps": init.get("total_steps", init["step"]), "init_hash": weights_hash(init["ema"])}
 
 
@@ -974,7 +973,7 @@ def train(cfg, log=print):
     ema = frozen_copy(model)
     seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
     # Provenance: a stage 2 records which stage-1 weights it started from, so a stale one is never reused.
-    origin = ckpt.get("origin") if ckpt is not None else origin_of(cfg["init"]) if cfg["init"] else None
+    origin = ckpt.get("origin") if ckpt is not None else origin_of(init) if init is not None else None
     steps_before = origin["init_steps"] if origin else 0               # total steps count from initialisation
     if cfg["loss"] == "self-perceptual" and cfg["perceptual_net"] == "frozen":
         perceptual_net = frozen_copy(model)                       # f*: frozen copy of the stage-1 EMA weights
@@ -1665,7 +1664,7 @@ def run_stage(cfg, log):
         if other or ckpt["step"] > cfg["steps"]:
             raise UsageError(f"{cfg['out']} holds a run of another configuration ({', '.join(other) or 'more steps'}"
                              f" differ): use another --out, or remove that folder")
-        origin = origin_of(cfg["init"]) if cfg["init"] else None
+        origin = origin_of(load_checkpoint(cfg["init"])) if cfg["init"] else None
         if origin != ckpt.get("origin"):
             was = ckpt.get("origin") or {"init_steps": "?", "init_hash": "not recorded"}
             log(f"training {cfg['out']} anew: it started from stage-1 weights at step {was['init_steps']} (hash "
@@ -1842,9 +1841,11 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                                             log=lambda s, k=key: log(f"[{k}] {s}"))
         models[key].eval()
     cfg = stats["mse"]["config"]
-    if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):   # a stage 1 from before guides were saved: the
-        run_stage({**cfg, "steps": max(1, p["stage1_steps"] // 8), "cooldown": 0.0, "resume": "",  # the same steps,
-                   "guide_at": max(1, p["stage1_steps"] // 8), "out": stage1_dir + "-guide"}, log)  # so the same weights
+    if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):
+        # A stage 1 from before guides were saved: retrain its first steps (same seed and data order, no cool-down
+        # before that step, so the same EMA weights) in a folder of their own, and take the guide from there.
+        at = max(1, p["stage1_steps"] // 8)
+        run_stage({**cfg, "steps": at, "cooldown": 0.0, "resume": "", "guide_at": at, "out": stage1_dir + "-guide"}, log)
         stage1_dir += "-guide"
     guide = model_from_checkpoint(load_checkpoint(os.path.join(stage1_dir, "guide.pt"))).to(base["device"]).eval()
     schedule = schedule_from(cfg)
@@ -1945,9 +1946,10 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
                                   stage1_out, stage1_seed, **overrides)
     full = [results[f"seed{s}"] for s in seeds]
     shared = [full[0]] + [r for n, r in results.items() if "-stage2-" in n]
+    rows = pooled_rows(full)
     pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds,
-              "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full),
-              "rows": pooled_rows(full), "sources": variance_sources(full, shared) if stage2_seeds else None}
+              "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
+              "sources": variance_sources(rows, pooled_rows(shared)) if stage2_seeds else None}
     write_outputs(out, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
     log(f"wrote {out}/pooled.md and pooled.json ({len(seeds)} full-pipeline seeds)")
     return pooled
@@ -2038,11 +2040,11 @@ def pooled_rows(results):
     return rows
 
 
-def variance_sources(full, shared):
-    """Where the spread between seeds comes from, per row and metric, as standard deviations: sampling alone
-    (the bootstrap's), stage-2 seeds on one stage 1 (the shared design's spread less sampling), and stage-1
-    seeds (the full design's spread less the shared design's); negative variance differences read as 0."""
-    a, b = pooled_rows(full), pooled_rows(shared)
+def variance_sources(a, b):
+    """Where the spread between seeds comes from, per row and metric, as standard deviations, from pooled_rows of
+    the full design (a) and of the shared-stage-1 design (b): sampling alone (the bootstrap's), stage-2 seeds on
+    one stage 1 (b's spread less sampling), and stage-1 seeds (a's spread less b's); negative variance
+    differences read as 0."""
     out = []
     for ra, rb in zip(a, b):
         row = {"row": ra["row"], "name": ra["name"]}
@@ -2075,8 +2077,8 @@ def pooled_markdown(pooled):
     lines += ["", "Rows over seeds (mean and 95% interval; sd between seeds beside the mean sampling standard error):",
               "", "| row | model | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
     for r in pooled["rows"]:
-        cell = lambda e: f"{e['mean']:.3f} {fmt_ci(e['ci']) if e['ci'] else ''} (sd {e['sd_seeds'] or 0:.3f} / se {e['se_sampling']:.3f})"
-        lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(cell(r[k]) if k in r else "-" for k in METRIC_KEYS) + " |")
+        spread = lambda e: f"{e['mean']:.3f} {fmt_ci(e['ci']) if e['ci'] else ''} (sd {e['sd_seeds'] or 0:.3f} / se {e['se_sampling']:.3f})"
+        lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(spread(r[k]) if k in r else "-" for k in METRIC_KEYS) + " |")
     if pooled["sources"]:
         lines += ["", f"Where the spread comes from (standard deviations): sampling alone | stage-2 seeds on one stage 1 "
                   f"({pooled['stage2_seeds'] + 1} runs sharing seed {pooled['seeds'][0]}'s stage 1) | stage-1 seeds:",
