@@ -1,0 +1,1385 @@
+"""
+The experiment beside perceptual_diffusion.py (the method): the measuring apparatus and the paper's comparison.
+
+  7. evaluation: two rulers that share nothing, pixel statistics, 95% bootstrap intervals
+  8. the paper's comparison in one command: paired verdicts, unconditional rows, x0_hat, ablations, seeds
+  9. command line: reproduce (the default), evaluate, gpucheck
+
+Run (the built-in `shapes` data needs no network):
+  python reproduce.py                                              # = reproduce --preset cpu (3-15 min, 2 CPU cores)
+  python reproduce.py reproduce --seeds 5               # verdicts about the method, pooled over 5 seeds
+  python reproduce.py reproduce --ablations             # + the paper's ablations (reuses finished stages)
+  python reproduce.py reproduce --preset cpu-long       # a stage 1 trained 5x longer (<= 60 min)
+  python reproduce.py reproduce --data FOLDER --estimate   # your data (class subfolders); the cost first
+  python reproduce.py evaluate --ckpt runs/sp/ckpt.pt --n 1000
+  python reproduce.py gpucheck                          # every GPU path, timed
+"""
+import argparse
+import functools
+import json
+import math
+import os
+import sys
+import time
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+
+import perceptual_diffusion
+from perceptual_diffusion import (
+    ANY_INT, DEVICE, FOLDER_HELDOUT, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UsageError,
+    add_sampling_args, add_train_args, autocast, bench, check_config, distributed, generate, load_checkpoint,
+    load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, norm, origin_of, ranged,
+    resolve_precision, schedule_from, step_times, to_model_range, to_uint8, train, weights_hash, writable_dir,
+    writable_file)
+
+# =================================================================================================
+#     7. Evaluation: two rulers, pixel statistics, bootstrap intervals (Frechet distance, accuracy, FID)
+# =================================================================================================
+
+def sqrtm_psd(c):
+    """The square root of a symmetric positive semi-definite matrix, from its eigendecomposition."""
+    w, V = torch.linalg.eigh(c)
+    return V @ torch.diag(w.clamp(min=0).sqrt()) @ V.T
+
+
+def frechet_distances(mu, cov, mu_r, cov_r, cov_r_half=None):
+    """d^2 = ||mu - mu_r||^2 + tr(C) + tr(C_r) - 2 tr((C_r^1/2 C C_r^1/2)^1/2) for a batch of (mu (B, D), cov
+    (B, D, D)) against one reference, in float64. C_r^1/2 C C_r^1/2 is symmetric with the eigenvalues of C C_r,
+    so its trace square root comes from eigvalsh: no scipy and no complex parts."""
+    half = sqrtm_psd(cov_r) if cov_r_half is None else cov_r_half
+    m = half @ cov @ half
+    tr_covmean = torch.linalg.eigvalsh((m + m.transpose(-1, -2)) / 2).clamp(min=0).sqrt().sum(-1)
+    return ((mu - mu_r) ** 2).sum(-1) + cov.diagonal(dim1=-2, dim2=-1).sum(-1) + cov_r.trace() - 2 * tr_covmean
+
+
+def feature_stats(f, w=None):
+    """Mean and covariance of features f (N, D) in float64; with resampling weights w (B, N), whose rows are
+    counts summing to N, one (mean, covariance) per row: (B, D), (B, D, D)."""
+    f = f.double()
+    if w is None:
+        return f.mean(0), torch.cov(f.T)
+    n = f.shape[0]
+    mu = w @ f / n
+    second = torch.einsum("bn,nd,ne->bde", w, f, f) / n                       # via a (B, n, D) temporary
+    return mu, (second - mu[:, :, None] * mu[:, None, :]) * n / (n - 1)
+
+
+def resampled_fd(f, w, ref, budget=2 ** 28):
+    """The Frechet distance of features f (n, D) under each row of resampling weights w (B, n) against the
+    reference ref = (mu_r, cov_r, cov_r^1/2): (B,). The resampled statistics are built a chunk of c rows at a time
+    and only the distances kept. Peak memory per chunk: about 8 c (n D + 3 D^2) bytes in float64 (the weighted
+    features, the covariances, their product with cov_r^1/2), c chosen to fit `budget` (256 MiB; at least 1 row).
+    Built all at once, (B, D, D) alone is 34 GB at B = 1,001 and D = 2048 (FID)."""
+    n, D = f.shape
+    c = max(1, budget // (8 * (n * D + 3 * D * D)))
+    return torch.cat([frechet_distances(*feature_stats(f, wc), *ref) for wc in w.split(c)])
+
+
+def cubic_kernel(a, b):
+    """KID's polynomial kernel k(a, b) = (a.b / D + 1)^3.  # (n, D), (m, D) -> (n, m)"""
+    return (a @ b.T / a.shape[1] + 1) ** 3
+
+
+def kid_real_term(f_real, block=2048):
+    """The real set's term of the unbiased MMD^2: the mean of k over its distinct pairs (held fixed, computed once)."""
+    m, total = len(f_real), 0.0
+    for i in range(0, m, block):
+        K = cubic_kernel(f_real[i:i + block], f_real)
+        total += float(K.sum() - K.diagonal(offset=i).sum())
+    return total / (m * (m - 1))
+
+
+def resampled_kid(f, w, f_real, real_term, block=2048):
+    """Kernel inception distance (Binkowski et al. 2018), the unbiased MMD^2 between features f (n, D) and the
+    real features (m, D) with KID's cubic kernel, under each row of resampling weights w (B, n): (B,). The
+    within-set term of a resample sums over pairs of *distinct* originals (w_i w_j K_ij, i != j), so the copies
+    that resampling with replacement makes add no zero-distance pairs and the estimate stays unbiased. Unlike
+    the Frechet distance, two samples of one distribution score about 0 at any n. Memory: blocks of n x `block`."""
+    n = len(f)
+    wKw, diag, cross = torch.zeros(len(w), dtype=f.dtype, device=f.device), torch.zeros_like(f[:, 0]), torch.zeros_like(f[:, 0])
+    for i in range(0, n, block):
+        K = cubic_kernel(f[i:i + block], f)                                    # (b, n)
+        wKw += ((w[:, i:i + block] @ K) * w).sum(1)
+        diag[i:i + block], cross[i:i + block] = K.diagonal(offset=i), cubic_kernel(f[i:i + block], f_real).mean(1)
+    within = (wKw - w ** 2 @ diag) / (n * n - (w ** 2).sum(1))              # every row of w sums to n
+    return within + real_term - 2 * w @ cross / n
+
+
+def pairwise(a, b, fn, block=2048):
+    """fn applied to blocks of rows of the exact float64 distance matrix ||a_i - b_j||, concatenated: the full
+    matrix never exists at once. (PITFALL: torch.cdist's default switches to a matrix-multiply formula above 25
+    rows, whose self-distances are not exactly 0; the exact mode is asked for here.)"""
+    return torch.cat([fn(torch.cdist(a[i:i + block].double(), b.double(), compute_mode="donot_use_mm_for_euclid_dist"), i)
+                      for i in range(0, len(a), block)])
+
+
+def knn_radius(x, k):
+    """The distance from each point to its k-th nearest *other* point of its own set.  # (n, D) -> (n,)"""
+    def kth(d, i):
+        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = math.inf          # exclude the point itself
+        return d.kthvalue(k, 1).values
+    return pairwise(x, x, kth)
+
+
+def prdc_indicators(real, fake, k_pr=3, k_dc=5):
+    """Per-point indicators of improved precision and recall (Kynkaanniemi et al. 2019; k = 3) and density and
+    coverage (Naeem et al. 2020; k = 5), on features standardised with the real set's mean and std. A point is in
+    a ball when its distance is <= the radius (ties inside). Returns per generated point: precision (in some real
+    point's k_pr ball), density (how many real k_dc balls hold it, / k_dc); per real point: recall (in some
+    generated point's k_pr ball), coverage (its k_dc ball holds a generated point). The metrics are their means;
+    a bootstrap resamples these indicators, never the points (a point drawn twice would be its own neighbour)."""
+    mu, sd = real.mean(0), real.std(0).clamp(min=1e-12)
+    real, fake = (real - mu) / sd, (fake - mu) / sd
+    r_pr, r_dc, f_pr = knn_radius(real, k_pr), knn_radius(real, k_dc), knn_radius(fake, k_pr)
+    fake_side = pairwise(fake, real, lambda d, i: torch.stack([(d <= r_pr).any(1).double(),
+                                                                (d <= r_dc).sum(1).double() / k_dc], 1))
+    real_side = pairwise(real, fake, lambda d, i: torch.stack([(d <= f_pr).any(1).double(),
+                                                                (d.min(1).values <= r_dc[i:i + len(d)]).double()], 1))
+    return {"precision": fake_side[:, 0], "density": fake_side[:, 1], "recall": real_side[:, 0],
+            "coverage": real_side[:, 1]}
+
+
+def inception_score(logits, splits=10):
+    """IS = exp(E_x KL(p(y|x) || p(y))), the mean over `splits` parts (Salimans et al. 2016)."""
+    scores = []
+    for p in F.softmax(logits.double(), 1).chunk(splits):
+        kl = (p * (torch.log(p + 1e-12) - torch.log(p.mean(0, keepdim=True) + 1e-12))).sum(1).mean()
+        scores.append(kl.exp().item())
+    return float(np.mean(scores))
+
+
+class Classifier(nn.Module):
+    """The offline ruler: a small CNN trained on the data set's training images. Its penultimate features give
+    the Frechet distance, its logits the conditional accuracy of class-conditional samples."""
+
+    def __init__(self, num_classes, width=16):
+        super().__init__()
+        def stage(c_in, c_out):
+            return [nn.Conv2d(c_in, c_out, 3, padding=1), norm(c_out), nn.SiLU(),
+                    nn.Conv2d(c_out, c_out, 3, padding=1), norm(c_out), nn.SiLU()]
+        self.body = nn.Sequential(*stage(3, width), nn.MaxPool2d(2), *stage(width, 2 * width), nn.MaxPool2d(2),
+                                  *stage(2 * width, 4 * width), nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        self.head = nn.Linear(4 * width, num_classes)
+
+    def forward(self, x):
+        f = self.body(x)                                           # (N, 4w) penultimate features
+        return f, self.head(f)
+
+
+def train_classifier(images, labels, num_classes, steps, device, seed=0, log=print):
+    """A few hundred AdamW steps with flips and 2-pixel shifts; enough for `shapes`, a ruler for CIFAR-10."""
+    torch.manual_seed(seed)
+    net = Classifier(num_classes).to(device)
+    opt = torch.optim.AdamW(net.parameters(), lr=3e-3, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=3e-3, total_steps=steps, pct_start=0.15)
+    for step in range(steps):
+        idx = torch.randint(0, len(images), (128,))
+        x = to_model_range(images[idx]).to(device)
+        x = torch.where(torch.rand(len(idx), 1, 1, 1, device=device) < 0.5, x.flip(3), x)
+        dy, dx = torch.randint(-2, 3, (2,)).tolist()
+        x = torch.roll(x, (dy, dx), (2, 3))
+        loss = F.cross_entropy(net(x)[1], labels[idx].to(device))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        if (step + 1) % 100 == 0:
+            log(f"classifier step {step + 1}/{steps} | loss {loss.item():.4f}")
+    return net.eval()
+
+
+class InceptionFeatures(nn.Module):
+    """torchvision's Inception-v3 (ImageNet weights): 2048-d pool features and the 1000 ImageNet logits, on images
+    resized to 299. NOT the TF-ported network of standard FID: compare these numbers only with each other."""
+
+    def __init__(self):
+        super().__init__()
+        from torchvision.models import Inception_V3_Weights, inception_v3
+        try:
+            self.net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
+        except Exception as e:
+            raise UsageError(f"Inception-v3 weights are not in the torch hub cache ({torch.hub.get_dir()}) and could "
+                             f"not be downloaded ({type(e).__name__}); use --features classifier offline")
+        self.fc, self.net.fc = self.net.fc, nn.Identity()
+        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+
+    def forward(self, x):
+        x = F.interpolate((x + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False)
+        f = self.net((x - self.mean) / self.std)                   # (N, 2048)
+        return f, self.fc(f)
+
+
+class FIDInception(nn.Module):
+    """Standard FID's network: the port of the TF Inception that FID is defined with, from the optional package
+    pytorch-fid (`pip install pytorch-fid`; its weights download on first use). 2048-d pool features. The package
+    resizes to 299x299 and maps [0, 1] to [-1, 1] itself (resize_input, normalize_input), so images go in once,
+    at their own size, in [0, 1]."""
+
+    def __init__(self):
+        super().__init__()
+        try:
+            from pytorch_fid.inception import InceptionV3
+        except ImportError:
+            raise UsageError("--features fid needs the optional package pytorch-fid: pip install pytorch-fid")
+        try:
+            self.net = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[2048]], resize_input=True, normalize_input=True)
+        except Exception as e:                                     # offline: URLError, OSError, ...
+            raise UsageError(f"the FID Inception weights are not in the torch hub cache ({torch.hub.get_dir()}) and "
+                             f"could not be downloaded ({type(e).__name__}); use --features classifier offline")
+
+    def forward(self, x):
+        f = self.net((x + 1) / 2)[0].flatten(1)                     # (N, 2048)
+        return f, x.new_zeros(len(x), 0)
+
+
+@torch.no_grad()
+def extract(net, images, device, batch=250):
+    """Features (float64) and logits of images given as uint8 or in [-1, 1]."""
+    feats, logits = [], []
+    for x in images.split(batch):
+        x = to_model_range(x) if x.dtype == torch.uint8 else x
+        f, lg = net(x.to(device).float())
+        feats.append(f.double().cpu())
+        logits.append(lg.float().cpu())
+    return torch.cat(feats), torch.cat(logits)
+
+
+class RandomFeatures(nn.Module):
+    """The second ruler: a convolutional network with fixed random weights (He-normal, drawn from its own seed)
+    that is never trained. It shares nothing with the classifier ruler -- no data, no labels, no training, another
+    architecture -- so a verdict that both rulers give does not come from what one network learnt to look at.
+    Its 64 features are the per-channel means of three ReLU layers (16 channels at full resolution, 16 at 1/2,
+    32 at 1/4): colour, contrast and texture statistics, which a shape classifier is trained to be blind to."""
+
+    def __init__(self, seed=0):
+        super().__init__()
+        g = torch.Generator().manual_seed(seed)
+        self.convs = nn.ModuleList([nn.Conv2d(3, 16, 3, padding=1), nn.Conv2d(16, 16, 3, stride=2, padding=1),
+                                    nn.Conv2d(16, 32, 3, stride=2, padding=1)])
+        with torch.no_grad():
+            for conv in self.convs:
+                conv.weight.copy_(torch.randn(conv.weight.shape, generator=g) * (2 / conv.weight[0].numel()) ** 0.5)
+                conv.bias.zero_()
+        self.requires_grad_(False)
+
+    def forward(self, x):
+        feats = []
+        for conv in self.convs:
+            x = F.relu(conv(x))
+            feats.append(x.mean((2, 3)))
+        return torch.cat(feats, 1), x.new_zeros(len(x), 0)        # (N, 64) features, no logits
+
+
+def pixel_summary(x):
+    """Per-image pixel statistics of images in [-1, 1], taken in [0, 1]: mean, mean square, saturation (the mean
+    over pixels of (max - min) / max over the RGB channels), contrast (the std of the image's pixels); and the
+    radially averaged power spectrum (image mean removed, mean over channels) at integer radii from 1 to the
+    corner, where the blur the paper attributes to MSE shows.  # (N, 3, H, W) -> (N, 4), (N, R)"""
+    p = ((x.float() + 1) / 2).clamp(0, 1)
+    mx, mn = p.max(1).values, p.min(1).values
+    stats = torch.stack([p.mean((1, 2, 3)), (p ** 2).mean((1, 2, 3)), ((mx - mn) / mx.clamp(min=1e-6)).mean((1, 2)),
+                         p.std((1, 2, 3), unbiased=False)], 1)
+    H, W = p.shape[-2:]
+    power = torch.fft.fft2(p - p.mean((2, 3), keepdim=True)).abs().pow(2).mean(1)     # (N, H, W)
+    r = ((torch.fft.fftfreq(H) * H)[:, None] ** 2 + (torch.fft.fftfreq(W) * W)[None] ** 2).sqrt().round()
+    spectrum = torch.stack([power[:, r == k].mean(1) for k in range(1, int(r.max()) + 1)], 1)   # corners included
+    return stats.double(), spectrum.double()
+
+
+def high_freq_ratio(spectrum, real_spectrum):
+    """Energy in the upper half of the radii, relative to the real images' (1 = as sharp as real; < 1 blurrier)."""
+    k = spectrum.shape[-1] // 2
+    return spectrum[..., k:].sum(-1) / real_spectrum[k:].sum()
+
+
+def bootstrap_weights(n, resamples, seed):
+    """(1 + resamples, n) weights: row 0 all ones (the estimate itself), each other row the counts of one
+    resample of the n samples with replacement (Efron's bootstrap), deterministic from seed. Two sample sets
+    of the same size measured with the same seed are resampled at the same indices: a paired bootstrap."""
+    idx = torch.randint(0, n, (resamples, n), generator=torch.Generator().manual_seed(seed))
+    counts = torch.zeros(resamples, n, dtype=torch.float64).scatter_add_(1, idx, torch.ones(resamples, n, dtype=torch.float64))
+    return torch.cat([torch.ones(1, n, dtype=torch.float64), counts])
+
+
+def interval(estimate, replicates, level=0.95):
+    """The bootstrap percentile interval, shifted so the replicates' median sits on the estimate (resampling with
+    replacement biases a Frechet distance upwards; the shift removes that bias, not the spread)."""
+    q = torch.quantile(replicates.double(), torch.tensor([(1 - level) / 2, (1 + level) / 2, 0.5], dtype=torch.float64))
+    shift = q[2] - float(estimate)
+    return [float(q[0] - shift), float(q[1] - shift)]
+
+
+CLASSIFIER_STEPS = 400      # training steps of the classifier ruler, wherever one is built
+
+
+def cache_path(data_dir, what, data, image_size, data_seed):
+    """Where a ruler's part for one data set is cached: the key (data, image size, data seed) in its name."""
+    return os.path.join(data_dir, f"{what}_{os.path.basename(os.path.normpath(data))}_{image_size}px_seed{data_seed}.pt")
+
+
+class Ruler:
+    """What every number is measured with: two feature networks that share nothing (the first: the classifier,
+    or Inception; the second: RandomFeatures), pixel statistics, and the statistics of `real_n` held-out real
+    images, with the protocol written down beside them. features="classifier" trains (or reuses, from its cache)
+    the small CNN; features="inception" needs torchvision's downloaded weights, "fid" the package pytorch-fid
+    (standard FID, against the whole training split's statistics). Every number comes with a 95%
+    bootstrap interval over the samples (the real statistics are held fixed: every row shares them)."""
+
+    def __init__(self, features, data, data_dir, image_size, data_seed, real_n, device,
+                 classifier_steps=CLASSIFIER_STEPS, log=print):
+        self.features, self.device = features, device
+        heldout, heldout_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
+        split = "test" if data in ("shapes", "cifar10") else f"held-out {FOLDER_HELDOUT:.0%} of the folder's"
+        real_n = min(real_n, len(heldout))                         # a small folder has fewer images
+        self.heldout, self.heldout_y, self.real_n, self.class_names = heldout, heldout_y, real_n, names
+        self.protocol = {"features": features, "second_features": "random", "real_images": real_n,
+                         "real_split": split, "data": data}
+        if features == "classifier":
+            net = self._classifier(data, data_dir, image_size, data_seed, len(names), classifier_steps, log)
+        elif features == "inception":
+            net = InceptionFeatures().to(device).eval()
+        elif features == "fid":
+            net = FIDInception().to(device).eval()
+        else:
+            raise UsageError(f"--features must be classifier, inception or fid, got {features!r}")
+        self.nets = {features: net, "random": RandomFeatures().to(device)}
+        self.num_classes = len(names) if features == "classifier" else 0
+        real = self.summarize(heldout[:real_n], heldout_y[:real_n])
+        self.real_feat, self.real_stats = {}, {}
+        for name, f in real["feat"].items():
+            f = f.to(device)
+            self.real_feat[name] = (f, kid_real_term(f))           # KID's reference: the held-out images
+            if name != "fid":                                      # FID's is the whole training split (below)
+                mu, cov = feature_stats(f)
+                self.real_stats[name] = (mu, cov, sqrtm_psd(cov))
+        if features == "fid":                                      # the common protocol: all training images
+            mu, cov = self._fid_reference(data, data_dir, image_size, data_seed, log)
+            self.real_stats["fid"] = (mu.to(device), cov.to(device), sqrtm_psd(cov.to(device)))
+            self.protocol.update(real_images_fid=f"the whole training split ({data})", fid="pytorch-fid")
+        self.real_spectrum = real["spectrum"].mean(0)
+        self.feat_names = list(real["feat"])
+        ones = torch.ones(1, real_n, dtype=torch.float64)
+        self.real_values = {k: float(v[0]) for k, v in self.metrics(real, ones, distances=False).items()}
+        if features == "classifier":
+            self.protocol["classifier_accuracy_on_real"] = round(self.real_values.pop("cond_acc"), 4)
+            log(f"ruler: {self.protocol['ruler']}, accuracy {self.protocol['classifier_accuracy_on_real']:.3f} on "
+                f"{real_n} held-out images")
+
+    def _classifier(self, data, data_dir, image_size, data_seed, num_classes, steps, log):
+        """The classifier cached under data_dir for (data, image size, data seed, steps), else a newly trained one
+        (then cached): `evaluate` and every `reproduce` on one data set measure with the same ruler."""
+        path = cache_path(data_dir, f"classifier{steps}", data, image_size, data_seed)
+        self.protocol["ruler"] = os.path.basename(path)
+        if os.path.isfile(path):
+            try:
+                net = Classifier(num_classes)
+                net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
+                return net.to(self.device).eval()
+            except Exception:
+                pass                                               # unreadable cache: train a new one
+        images, labels, _, _ = load_dataset(data, data_dir, image_size, train=True, seed=data_seed)
+        net = train_classifier(images, labels, num_classes, steps, self.device, log=log)
+        try:
+            os.makedirs(data_dir, exist_ok=True)
+            torch.save({"model": net.state_dict()}, path)
+        except OSError as e:
+            log(f"the classifier ruler could not be cached in {path} ({e.strerror or e}); it was used all the same")
+        return net
+
+    def _fid_reference(self, data, data_dir, image_size, data_seed, log):
+        """FID's reference statistics: the pytorch-fid features of every training image (CIFAR-10: the 50,000
+        training images, the common protocol), cached beside the data."""
+        path = cache_path(data_dir, "fid_stats", data, image_size, data_seed)
+        if os.path.isfile(path):
+            saved = torch.load(path, map_location="cpu", weights_only=True)
+            return saved["mu"], saved["cov"]
+        images, _, _, _ = load_dataset(data, data_dir, image_size, train=True, seed=data_seed)
+        log(f"FID reference statistics: {len(images)} training images (cached in {path})")
+        mu, cov = feature_stats(extract(self.nets["fid"], images, self.device)[0])
+        os.makedirs(data_dir, exist_ok=True)
+        torch.save({"mu": mu, "cov": cov, "images": len(images)}, path)
+        return mu, cov
+
+    def prdc_ceiling(self, n):
+        """Precision, recall, density and coverage of one real subset of n images against another, disjoint one,
+        in each feature space: what a perfect model scores at this n and k (None without 2n held-out images)."""
+        if 2 * n > self.real_n:
+            return None
+        out = {}
+        for name in self.feat_names:
+            f, suffix = self.real_feat[name][0], "" if name == self.features else f"_{name}"
+            out.update({k + suffix: float(v.mean()) for k, v in prdc_indicators(f[:n], f[n:2 * n]).items()})
+        return out
+
+    def summarize(self, x, y):
+        """Per-image quantities of images x (uint8, or in [-1, 1]) with requested labels y (None: unconditional)."""
+        feat, logits = {}, None
+        for name, net in self.nets.items():
+            feat[name], lg = extract(net, x, self.device)
+            logits = lg if logits is None else logits
+        stats, spectrum = pixel_summary(to_model_range(x) if x.dtype == torch.uint8 else x)
+        return {"feat": feat, "logits": logits, "y": y, "stats": stats, "spectrum": spectrum}
+
+    def metrics(self, s, w, distances=True):
+        """Every metric of a summarized set under resampling weights w (B, n): {name: (B,)}. Frechet distances
+        and KIDs to the real images (fd, kid: the first feature network; fd_random, kid_random: the second; left
+        out when not `distances`), the conditional accuracy, the entropy (nats) of the classifier's
+        predicted-class histogram and the share of its rarest class (a sampler that wins on Frechet distance by
+        dropping modes shows there), and the pixel statistics."""
+        n, m = w.shape[1], {}
+        for name, f in s["feat"].items() if distances else ():
+            f, wd, suffix = f.to(self.device), w.to(self.device), "" if name == self.features else f"_{name}"
+            m["fd" + suffix] = resampled_fd(f, wd, self.real_stats[name]).cpu()
+            m["kid" + suffix] = resampled_kid(f, wd, *self.real_feat[name]).cpu()
+            # As many real points as generated ones (k = min(n, real_n)): the first k held-out images in every row.
+            k = min(n, self.real_n)
+            for key, ind in prdc_indicators(self.real_feat[name][0][:k], f[:k]).items():
+                m[key + suffix] = (wd[:, :k] @ ind / wd[:, :k].sum(1)).cpu()
+        if self.num_classes:
+            pred = s["logits"].argmax(1)
+            hist = w @ F.one_hot(pred, self.num_classes).double() / n                 # (B, K)
+            m["class_entropy"] = -(hist * hist.clamp(min=1e-12).log()).sum(1)
+            m["rarest_class"] = hist.min(1).values
+            if s["y"] is not None:
+                m["cond_acc"] = w @ (pred == s["y"].cpu()).double() / n
+        st = w @ s["stats"] / n                                                      # (B, 4)
+        m.update(mean=st[:, 0], std=(st[:, 1] - st[:, 0] ** 2).clamp(min=0).sqrt(), saturation=st[:, 2],
+                 contrast=st[:, 3])
+        m["spectrum_dist"] = (w @ s["spectrum"] / n / self.real_spectrum).log10().pow(2).mean(1).sqrt()
+        return m
+
+    def measure(self, x, y, resamples=1000, seed=0):
+        """Every metric of samples x (in [-1, 1]) as {name: value, name_ci: [lo, hi]} (95%), and the bootstrap
+        replicates {name: (resamples,)}: sets of the same size measured with the same seed share their
+        resamples, so the difference of two rows' replicates is a paired bootstrap of their difference."""
+        s = self.summarize(x, y)
+        out, boot = {}, {}
+        for k, v in self.metrics(s, bootstrap_weights(len(x), resamples, seed)).items():
+            out[k], out[k + "_ci"], boot[k] = float(v[0]), interval(v[0], v[1:]), v[1:]
+        if self.features == "inception":
+            out["is"] = inception_score(s["logits"])
+        return out, boot
+
+
+def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing",
+                   seed=0, batch=256, precision="auto", label=None, resamples=1000, cfg_interval=(0.0, math.inf),
+                   guide=None):
+    """Sample n images and measure them: (result with its protocol and 95% intervals, bootstrap replicates).
+    label = model.num_classes samples the unconditional model (no conditional accuracy then)."""
+    t0 = time.time()
+    x, y = generate(model, schedule, n, steps, cfg_scale, cfg_rescale, eta, spacing, seed, batch, precision, label,
+                    cfg_interval, guide)
+    seconds = time.time() - t0
+    res, boot = ruler.measure(x, y if label is None else None, resamples, seed)
+    res.update(samples=n, sampler="DDIM", steps=steps, eta=eta, spacing=spacing, cfg_scale=cfg_scale,
+               cfg_rescale=cfg_rescale, seed=seed, sample_seconds=round(seconds, 1), bootstrap_resamples=resamples,
+               guidance="auto" if guide is not None and cfg_scale != 1 else "cfg" if cfg_scale != 1 else "none",
+               **ruler.protocol)
+    if label is not None:
+        res["label"] = label
+    return res, boot
+
+
+# =================================================================================================
+#                           8. The paper's comparison in one command
+# =================================================================================================
+
+PRESETS = {
+    # The default run, sized for the slowest 2-core CPU measured (AVX2, no native bf16: README, Speed): shapes at
+    # 16 pixels, a 0.69M-parameter UNet (16 base channels, most of its width at low resolution, where it is
+    # cheap), batch 32, fp32 (bf16 autocast ran convolutions 15x SLOWER there,
+    # and fp32 gives the same table on every machine), the paper's beta schedule. Stage 1 is short, so it is
+    # not converged: the table says so, and `cpu-long` trains it longer.
+    "cpu": dict(train=dict(data="shapes", image_size=16, channels=16, channel_mult="1,2,4", attn_res="4",
+                           betas="scaled_linear", precision="fp32", batch_size=32, lr=2e-3, warmup=50, ema_decay=0.995,
+                           log_every=250, sample_every=0, ckpt_every=250),
+                stage1_steps=2000, stage2_steps=400, stage2_lr=5e-4, cooldown=0.2, features="classifier",
+                classifier_steps=CLASSIFIER_STEPS,
+                real_n=2000, eval_n=600, sweep_n=150, sweep_scales=[1.5, 2.0, 3.0], cfg_rescale=0.7,
+                eval_steps=16, picture_per_class=3, resamples=1000, x0_n=500, x0_show=4),
+    # The recipe for a real run on one GPU. Its cost has not been measured in this repository (see README).
+    "cifar10": dict(train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
+                               dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, log_every=500,
+                               sample_every=10000, ckpt_every=5000),
+                    stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, cooldown=0.2, features="fid",
+                    classifier_steps=CLASSIFIER_STEPS, real_n=10000, eval_n=10000, sweep_n=2000, sweep_scales=[1.5, 2.0, 3.0],
+                    cfg_rescale=0.7, eval_steps=50, picture_per_class=2, resamples=200, x0_n=1000, x0_show=4),
+    # A seconds-long pass through every stage: checks the pipeline, measures nothing.
+    "smoke": dict(train=dict(data="shapes", image_size=16, channels=8, channel_mult="1,2", attn_res="", precision="fp32",
+                             batch_size=8, lr=1e-3, warmup=1, ema_decay=0.9, log_every=1, sample_every=0, ckpt_every=100),
+                  stage1_steps=2, stage2_steps=1, stage2_lr=1e-3, cooldown=0.5, features="classifier", classifier_steps=1,
+                  real_n=40, eval_n=20, sweep_n=10, sweep_scales=[2.0, 3.0], cfg_rescale=0.7, eval_steps=2,
+                  picture_per_class=1, resamples=50, x0_n=20, x0_show=2),
+}
+
+# The cpu preset with a stage 1 five times longer; <= 60 minutes on the same 2 cores. Its EMA half-life is 7% of
+# stage 1 in both (0.995: 138 steps of 2,000; 0.999: 693 of 10,000).
+PRESETS["cpu-long"] = {**PRESETS["cpu"], "stage1_steps": 10000,
+                       "train": {**PRESETS["cpu"]["train"], "ema_decay": 0.999, "log_every": 500, "ckpt_every": 500}}
+
+ROWS = [  # (row, name, which trained model, how it is sampled: "cond" unguided, "cfg" classifier-free guidance,
+    #        "null" null label, "auto" / "auto-null" autoguidance with the label / with the null label)
+    (1, "MSE", "mse", "cond"),
+    (2, "MSE, continued", "mse-continued", "cond"),
+    (3, "MSE + guidance", "mse", "cfg"),
+    (4, "self-perceptual", "self-perceptual", "cond"),
+    (5, "self-perceptual + guidance", "self-perceptual", "cfg"),
+    (6, "MSE, unconditional", "mse", "null"),
+    (7, "MSE continued, unconditional", "mse-continued", "null"),
+    (8, "self-perceptual, unconditional", "self-perceptual", "null"),
+    (9, "MSE + autoguidance", "mse", "auto"),                      # guided by stage 1's EMA at 1/8 of its steps
+    (10, "MSE + autoguidance, unconditional", "mse", "auto-null"),
+]
+PAIRS = [  # (row a, row b, what the paired difference a - b asks)
+    (4, 1, "self-perceptual vs the MSE model it started from (the paper's claim)"),
+    (4, 2, "self-perceptual vs MSE trained as long (the fair comparison)"),
+    (2, 1, "the control's gain from the extra MSE steps (is stage 1 converged?)"),
+    (3, 4, "MSE + guidance vs self-perceptual (the paper: guidance stays ahead)"),
+    (5, 3, "self-perceptual + guidance vs MSE + guidance"),
+    (8, 6, "unconditional: self-perceptual vs MSE"),
+    (8, 7, "unconditional: self-perceptual vs MSE trained as long"),
+    (9, 3, "autoguidance vs classifier-free guidance (conditional)"),
+    (8, 10, "unconditional: self-perceptual vs MSE + autoguidance (the label-free rival)"),
+]
+# The training flags that reproduce passes on (they override the preset's; the stages set loss, steps, lr, init).
+REPRODUCE_TRAIN_ARGS = {"data", "data_dir", "data_seed", "image_size", "no_flip", "channels", "channel_mult",
+                        "num_res_blocks", "attn_res", "dropout", "T", "betas", "batch_size", "lr", "warmup",
+                        "weight_decay", "grad_clip", "ema_decay", "label_dropout", "precision", "compile"}
+# The paper's ablations of the self-perceptual objective: one stage-2 run each, evaluated exactly like row 4.
+ABLATIONS = [("all-layers", "all layers (down + mid), each normalised", dict(sp_features="all")),
+             ("t-prime-same", "t' = t", dict(sp_t_prime="same")),
+             ("mae", "MAE distance", dict(sp_distance="mae")),
+             ("ema-perceptual", "EMA of the online model as f*", dict(perceptual_net="ema"))]
+PRDC = ["precision", "recall", "density", "coverage"]
+SWEEP_KEYS = ["fd", "fd_random"] + PRDC + [k + "_random" for k in PRDC]
+METRIC_KEYS = ["fd", "fd_random", "kid", "kid_random", "cond_acc", "saturation"] + SWEEP_KEYS[2:]  # pooled over seeds
+VERDICT_METRICS = [("fd", "Frechet distance, 1st ruler", -1), ("fd_random", "Frechet distance, random features", -1),
+                   ("kid", "KID, 1st ruler", -1), ("kid_random", "KID, random features", -1),
+                   ("cond_acc", "conditional accuracy", 1)] + [
+    (k + sfx, f"{k}, {ruler}", 1) for sfx, ruler in (("", "1st ruler"), ("_random", "random features")) for k in PRDC]
+BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out", "device", "compile"}  # not the result
+
+
+def run_stage(cfg, log):
+    """train(cfg), except that a finished run of the same configuration in cfg["out"] is reused and an
+    interrupted one is resumed: rerunning reproduce, or adding --ablations, never retrains a finished stage.
+    A stage 2 is reused or resumed only if it started from the very weights of its --init checkpoint (their step
+    and hash), else it is trained anew: a stage 1 continued in place makes every stage 2 on it stale. A folder
+    holding a run of another configuration is refused rather than overwritten."""
+    cfg = {**TRAIN_DEFAULTS, **cfg}
+    path = os.path.join(cfg["out"], "ckpt.pt")
+    if os.path.isfile(path):
+        ckpt = load_checkpoint(path)
+        saved = {**TRAIN_DEFAULTS, **ckpt["config"],                  # older runs lack newer keys
+                 "precision": resolve_precision(cfg["device"], ckpt["config"].get("precision"))}
+        cfg["precision"] = resolve_precision(cfg["device"], cfg["precision"])  # "auto" (train --resume's default) = what it ran as
+        # (the --init path is not compared: the origin below, the weights' step and hash, is what identifies it)
+        other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps", "init"} and saved.get(k) != v)
+        if other or ckpt["step"] > cfg["steps"]:
+            raise UsageError(f"{cfg['out']} holds a run of another configuration ({', '.join(other) or 'more steps'}"
+                             f" differ): use another --out, or remove that folder")
+        origin = origin_of(load_checkpoint(cfg["init"])) if cfg["init"] else None
+        if origin != ckpt.get("origin"):
+            was = ckpt.get("origin") or {"init_steps": "?", "init_hash": "not recorded"}
+            log(f"training {cfg['out']} anew: it started from stage-1 weights at step {was['init_steps']} (hash "
+                f"{was['init_hash']}), but {cfg['init']} is now at step {origin['init_steps']} (hash {origin['init_hash']})")
+        elif ckpt["step"] == cfg["steps"]:
+            log(f"reusing the finished run in {cfg['out']} ({ckpt['step']} steps)")
+            model = model_from_checkpoint(ckpt).to(cfg["device"])
+            return model, {"steps": ckpt["step"], "total_steps": ckpt.get("total_steps", ckpt["step"]),
+                           "train_seconds": ckpt.get("train_seconds", 0.0), "config": ckpt["config"], "reused": True}
+        else:
+            cfg["resume"] = cfg["out"]
+    model, stats = train(cfg, log=log)
+    if stats["stopped"]:                                           # a stopped stage is not a finished one: go no further
+        raise KeyboardInterrupt
+    return model, stats
+
+
+def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision, class_names=()):
+    """One labelled column per conditional row, one line per class (named on the left), the same classes and the
+    same initial noise in every column: read across a line to compare the rows on one class and one x_T."""
+    from PIL import Image, ImageDraw
+    scale, pad, head, left = max(2, 64 // models["mse"].image_size), 8, 30, 70
+    columns = []
+    for row, name, key, mode in rows:
+        m = models[key]
+        k, s = max(m.num_classes, 1), m.image_size
+        w, phi = guidance if mode == "cfg" else (1.0, 0.0)
+        x, _ = generate(m, schedule, per_class * k, steps, w, phi, seed=12345, precision=precision)
+        # sample i has class i % k: lay out one class per line, per_class samples side by side
+        grid = to_uint8(x).view(per_class, k, 3, s, s).permute(1, 3, 0, 4, 2).reshape(k * s, per_class * s, 3)
+        title = f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if mode == "cfg" else "no guidance")
+        columns.append((title, Image.fromarray(grid.numpy()).resize((per_class * s * scale, k * s * scale), Image.NEAREST)))
+    width = max(160, columns[0][1].width)
+    canvas = Image.new("RGB", (left + len(columns) * (width + pad) + pad, columns[0][1].height + head + pad), "white")
+    draw = ImageDraw.Draw(canvas)
+    line = columns[0][1].height // max(len(class_names), 1)
+    for j, c in enumerate(class_names):
+        draw.text((4, head + j * line + line // 2 - 5), c, fill="black")
+    for i, (title, col) in enumerate(columns):
+        x0 = left + pad + i * (width + pad)
+        draw.multiline_text((x0, 3), title, fill="black")
+        canvas.paste(col, (x0 + (width - col.width) // 2, head))
+    canvas.save(path)
+
+
+def tradeoff_picture(res, path):
+    """The guidance trade-off (guidance_tradeoff.png): Frechet distance, precision and recall (1st ruler) against
+    the guidance scale w for the MSE model and the self-perceptual model, from the sweeps (w = 1: unguided), with
+    the unguided self-perceptual point ringed and the real-vs-real ceiling of precision and recall dashed."""
+    from PIL import Image, ImageDraw
+    curves = {"MSE": ((200, 60, 40), res["guidance_sweep"]), "self-perceptual": ((40, 90, 200), res["sp_guidance_sweep"])}
+    ceiling = res.get("sweep_prdc_ceiling") or {}
+    W, H, m = 260, 220, 40
+    canvas = Image.new("RGB", (3 * W + 20, H + 50), "white")
+    draw = ImageDraw.Draw(canvas)
+    ws = [p["cfg_scale"] for p in res["guidance_sweep"]]
+    for i, key in enumerate(["fd", "precision", "recall"]):
+        x0 = 10 + i * W
+        vals = [p[key] for _, pts in curves.values() for p in pts] + ([ceiling[key]] if key in ceiling else [])
+        lo, hi = min(vals), max(vals)
+        lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
+        X = lambda w: x0 + m + (w - min(ws)) / (max(ws) - min(ws) or 1) * (W - m - 20)
+        Y = lambda v: 30 + (hi - v) / (hi - lo) * (H - 50)
+        draw.rectangle([x0 + m, 30, x0 + W - 20, H - 20], outline="black")
+        draw.text((x0 + m, 10), f"{key} ({res['protocol']['features']})" if key == "fd" else key, fill="black")
+        for v in (lo, hi):
+            draw.text((x0, Y(v) - 6), f"{v:.2f}", fill="black")
+        for w in ws:
+            draw.text((X(w) - 8, H - 15), f"w={w:g}", fill="black")
+        if key in ceiling:
+            for xa in range(int(X(min(ws))), int(X(max(ws))), 8):
+                draw.line([xa, Y(ceiling[key]), xa + 4, Y(ceiling[key])], fill="gray")
+        for name, (colour, pts) in curves.items():
+            draw.line([(X(p["cfg_scale"]), Y(p[key])) for p in pts], fill=colour, width=2)
+            for p in pts:
+                r = 6 if name == "self-perceptual" and p["cfg_scale"] == 1 else 3
+                draw.ellipse([X(p["cfg_scale"]) - r, Y(p[key]) - r, X(p["cfg_scale"]) + r, Y(p[key]) + r],
+                             outline=colour, fill=None if r == 6 else colour)
+    draw.text((10 + m, H + 25), "red: MSE + guidance;  blue: self-perceptual + guidance (ringed: unguided, w=1);  "
+              "gray dashes: real vs real", fill="black")
+    canvas.save(path)
+
+
+@torch.no_grad()
+def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, resamples=1000):
+    """The paper's argument made visible: from the same x_t = alpha_t x0 + sigma_t eps of held-out images, each
+    model's one-step prediction x0_hat, at t = 99, 299, 499, 699, 899, 999 (T = 1000). Writes a picture (one line
+    per t; columns x_t, each model's x0_hat, x0) and returns, per t and model, the high-frequency energy of x0_hat
+    relative to the real images' (1 = as sharp as real) and its Frechet distance (1st ruler) to the real images,
+    each with a 95% bootstrap interval (paired across models: the same resamples), measured on n held-out images
+    that the ruler's reference statistics do not contain (where there are enough)."""
+    from PIL import Image, ImageDraw
+    T, first = schedule.T, ruler.real_n if len(ruler.heldout) >= ruler.real_n + n else 0
+    x0_u8, y = ruler.heldout[first:first + n], ruler.heldout_y[first:first + n]
+    x0 = to_model_range(x0_u8)
+    eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
+    ts = sorted({max(0, round(f * T) - 1) for f in (0.1, 0.3, 0.5, 0.7, 0.9, 1.0)})
+    n = len(x0)
+    w = bootstrap_weights(n, resamples, seed)
+    numbers, lines = [], []
+    for t in ts:
+        tt = torch.full((len(x0),), t, dtype=torch.long)
+        x_t = schedule.q_sample(x0, tt, eps)
+        row, shown = {"t": t}, [x_t[:n_show]]
+        for name, m in models.items():
+            dev = next(m.parameters()).device
+            with autocast(dev, precision):
+                v = torch.cat([m(xc.to(dev), tc.to(dev), yc.to(dev) if m.num_classes else None).float().cpu()
+                               for xc, tc, yc in zip(x_t.split(256), tt.split(256), y.split(256))])
+            x0_hat = schedule.pred_to_x0_eps(x_t, v, tt)[0].clamp(-1, 1)
+            s = ruler.summarize(x0_hat, None)
+            values = {"high_freq": high_freq_ratio(w @ s["spectrum"] / n, ruler.real_spectrum),
+                      "fd": resampled_fd(s["feat"][ruler.features].to(ruler.device), w.to(ruler.device),
+                                         ruler.real_stats[ruler.features]).cpu()}
+            row[name] = {k: float(v[0]) for k, v in values.items()}
+            row[name].update({k + "_ci": interval(v[0], v[1:]) for k, v in values.items()})
+            shown.append(x0_hat[:n_show])
+        numbers.append(row)
+        gap = torch.ones(3, x0.shape[-2], 2)                                                  # white, in [-1, 1]
+        lines.append(torch.cat([torch.cat([*b, gap], 2) for b in shown + [x0[:n_show]]], 2))   # (3, H, cols * (W+..))
+    S, scale, left, head = x0.shape[-1], max(2, 64 // x0.shape[-1]), 60, 20
+    strip = to_uint8(torch.cat(lines, 1)).permute(1, 2, 0).numpy()                             # (len(ts) * H, W_all, 3)
+    img = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+    canvas = Image.new("RGB", (img.width + left, img.height + head), "white")
+    canvas.paste(img, (left, head))
+    draw, block = ImageDraw.Draw(canvas), (n_show * S + 2) * scale
+    for i, title in enumerate(["x_t"] + [f"{k}: x0_hat" for k in models] + ["x0"]):
+        draw.text((left + i * block + 2, 4), title, fill="black")
+    for i, t in enumerate(ts):
+        draw.text((4, head + i * S * scale + S * scale // 2 - 5), f"t={t}", fill="black")
+    canvas.save(path)
+    return numbers
+
+
+def preset_settings(preset, overrides):
+    """The preset's settings with the given (non-None) overrides, `train` ones merged into the preset's training
+    flags, checked before any work."""
+    if preset not in PRESETS:
+        raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
+    p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k != "train"}}
+    p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v not in (None, False)}}
+    check_config({**TRAIN_DEFAULTS, **p["train"]})
+    return p
+
+
+def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, ablations=False, stage1_out=None,
+              stage1_seed=None, **overrides):
+    """Stage 1 (MSE, cooled down to stage 2's rate, saving an early EMA snapshot as the autoguidance guide), stage 2
+    (self-perceptual from stage 1), and the fair control (MSE continued for as many steps as stage 2) from the
+    same stage-1 weights; then the rows of ROWS, each sampled with the same sampler, seeds, initial noise and
+    number of samples, and measured with the same two rulers; the paired verdicts of PAIRS; the x0_hat study.
+    With ablations, one more stage-2 run per entry of ABLATIONS. stage1_out, stage1_seed: the folder and seed
+    of a shared stage 1 (default: out, seed). Writes results.md, results.json, comparison.png, x0_hat.png (and ablations.md, .json) under
+    `out`. Every verdict here rests on one training run of each stage: see reproduce_seeds for the method."""
+    if distributed()[1] > 1:
+        raise UsageError("reproduce runs in one process; under torchrun, run the `train` stages instead")
+    p = preset_settings(preset, overrides)
+    base = {**p["train"], "seed": seed, "device": device or TRAIN_DEFAULTS["device"]}
+    check_config({**TRAIN_DEFAULTS, **base})
+    writable_dir(out, "--out")
+    t_start = time.time()
+    stage1_dir = os.path.join(stage1_out or out, "mse")
+    stage1 = os.path.join(stage1_dir, "ckpt.pt")
+    s2 = dict(steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1)
+    stages = [("mse", dict(loss="mse", steps=p["stage1_steps"], cooldown=p["cooldown"], final_lr=p["stage2_lr"],
+                           guide_at=max(1, p["stage1_steps"] // 8), **({} if stage1_seed is None else {"seed": stage1_seed}))),
+              ("self-perceptual", dict(loss="self-perceptual", **s2)), ("mse-continued", dict(loss="mse", **s2))]
+    if ablations:
+        stages += [(f"sp-{key}", dict(loss="self-perceptual", **s2, **variant)) for key, _, variant in ABLATIONS]
+    models, stats = {}, {}
+    for i, (key, stage) in enumerate(stages):
+        log(f"== stage {i + 1}/{len(stages)}: {key} ({stage['steps']} steps) ==")
+        models[key], stats[key] = run_stage({**base, **stage, "out": stage1_dir if key == "mse" else os.path.join(out, key)},
+                                            log=lambda s, k=key: log(f"[{k}] {s}"))
+        models[key].eval()
+    cfg = stats["mse"]["config"]
+    if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):
+        # A stage 1 from before guides were saved: retrain its first steps (same seed and data order, no cool-down
+        # before that step, so the same EMA weights) in a folder of their own, and take the guide from there.
+        at = max(1, p["stage1_steps"] // 8)
+        run_stage({**cfg, "steps": at, "cooldown": 0.0, "resume": "", "guide_at": at, "out": stage1_dir + "-guide"}, log)
+        stage1_dir += "-guide"
+    guide = model_from_checkpoint(load_checkpoint(os.path.join(stage1_dir, "guide.pt"))).to(base["device"]).eval()
+    schedule = schedule_from(cfg)
+    dev = torch.device(base["device"])
+    log("== evaluation: building the rulers ==")
+    ruler = Ruler(p["features"], cfg["data"], cfg["data_dir"], cfg["image_size"], cfg["data_seed"], p["real_n"], dev,
+                  classifier_steps=p["classifier_steps"], log=log)
+    ev = dict(steps=p["eval_steps"], precision=cfg["precision"], resamples=p["resamples"])
+
+    # Small sweeps, on another seed and fewer samples than the table uses: classifier-free guidance of the MSE model
+    # (row 3's w) and of the self-perceptual model, w = 1 included (the trade-off curve); autoguidance with the null
+    # label (the label-free rival; its w serves rows 9 and 10). w is chosen by the first ruler's Frechet distance.
+    sweeps, guidance = {}, {}
+    for kind, key, phi, label, scales in (("cfg", "mse", p["cfg_rescale"], None, [1.0] + p["sweep_scales"]),
+                                          ("cfg-sp", "self-perceptual", p["cfg_rescale"], None, [1.0] + p["sweep_scales"]),
+                                          ("auto", "mse", 0.0, models["mse"].num_classes, p["sweep_scales"])):
+        sweeps[kind] = []
+        for w in scales:
+            r, _ = evaluate_model(models[key], schedule, ruler, p["sweep_n"], cfg_scale=w, cfg_rescale=phi,
+                                  seed=seed + 1, label=label, guide=guide if kind == "auto" else None, resamples=20,
+                                  **{k: v for k, v in ev.items() if k != "resamples"})
+            sweeps[kind].append({"cfg_scale": w, "cfg_rescale": phi, **{k: r[k] for k in SWEEP_KEYS if k in r}})
+            log(f"{kind} guidance sweep: w={w:g} phi={phi:g} -> Frechet distance {r['fd']:.3f}, precision "
+                f"{r['precision']:.3f}, recall {r['recall']:.3f}")
+        guidance[kind] = (min((r for r in sweeps[kind] if r["cfg_scale"] != 1), key=lambda r: r["fd"])["cfg_scale"], phi)
+
+    def evaluate_row(row, name, key, mode):
+        """One row: the model sampled as `mode` from the table's seed, with its provenance."""
+        w, phi = guidance[mode.split("-")[0]] if mode.startswith(("cfg", "auto")) else (1.0, 0.0)
+        label = models[key].num_classes if mode.endswith("null") else None
+        r, boot = evaluate_model(models[key], schedule, ruler, p["eval_n"], cfg_scale=w, cfg_rescale=phi, seed=seed,
+                                 label=label, guide=guide if mode.startswith("auto") else None, **ev)
+        r.update(row=row, name=name, model=key, mode=mode, loss=stats[key]["config"]["loss"],
+                 train_steps=stats[key]["total_steps"], train_seconds=round(stats[key]["train_seconds"], 1))
+        log(f"row {row} {name}: Frechet distance {r['fd']:.3f} {fmt_ci(r['fd_ci'])}, random features "
+            f"{r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])}")
+        return r, boot
+
+    rows, boots = {}, {}
+    for spec in ROWS:
+        rows[spec[0]], boots[spec[0]] = evaluate_row(*spec)
+    verdicts = [verdict(a, b, what, rows, boots) for a, b, what in PAIRS]
+    comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guidance["cfg"],
+                       os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"],
+                       ruler.class_names)
+    x0_numbers = x0_hat_study({"MSE": models["mse"], "self-perceptual": models["self-perceptual"]}, schedule, ruler,
+                              p["x0_n"], p["x0_show"], os.path.join(out, "x0_hat.png"), cfg["precision"], seed,
+                              p["resamples"])
+    result = {"preset": preset, "settings": {k: v for k, v in p.items() if k != "train"}, "train": base,
+              "stage1": stage1, "guide": os.path.join(stage1_dir, "guide.pt"),
+              "guidance_sweep": sweeps["cfg"], "guidance": list(guidance["cfg"]), "autoguidance_sweep": sweeps["auto"],
+              "autoguidance": list(guidance["auto"]), "sp_guidance_sweep": sweeps["cfg-sp"],
+              "prdc_ceiling": ruler.prdc_ceiling(p["eval_n"]), "sweep_prdc_ceiling": ruler.prdc_ceiling(p["sweep_n"]),
+              "rows": list(rows.values()), "verdicts": verdicts,
+              "x0_hat": x0_numbers, "real": ruler.real_values, "protocol": ruler.protocol,
+              "stage_hashes": {k: weights_hash(models[k].state_dict()) for k in models},
+              "reused_stages": [k for k in stats if stats[k].get("reused")],
+              "device": str(dev), "torch_threads": torch.get_num_threads()}
+    if ablations:
+        abl = []
+        for i, (key, label, variant) in enumerate(ABLATIONS):
+            r, boots[20 + i] = evaluate_row(20 + i, label, f"sp-{key}", "cond")
+            r["variant"], rows[20 + i] = variant, r
+            abl.append({"ablation": r, "verdicts": [verdict(20 + i, b, what, rows, boots) for b, what in
+                                                    ((4, "against the paper's choice (row 4)"),
+                                                     (2, "against MSE trained as long (row 2)"))]})
+        result["ablations"] = abl
+    tradeoff_picture(result, os.path.join(out, "guidance_tradeoff.png"))
+    result["wall_seconds"] = round(time.time() - t_start, 1)
+    write_outputs(out, {"results.json": json.dumps(result, indent=1), "results.md": results_markdown(result)}, log)
+    if ablations:
+        write_outputs(out, {"ablations.json": json.dumps(result["ablations"], indent=1),
+                            "ablations.md": ablations_markdown(result)}, log)
+    log(f"wrote {out}/results.md, results.json, comparison.png, x0_hat.png, guidance_tradeoff.png in {result['wall_seconds'] / 60:.1f} min")
+    return result
+
+
+def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, ablations=False, **overrides):
+    """The comparison as a claim about the method: the whole pipeline once per training seed, each in out/seedS
+    (a finished seed is reused, an interrupted one resumed), then verdicts pooled over the seeds (pooled_verdicts).
+    stage2_seeds = J > 0 adds J runs that share seed 0's stage 1 (out/seed0) with their own stage-2, control and
+    sampling seeds 1000 + j, so that the spread between seeds splits into its sources (variance_sources).
+    Writes pooled.md and pooled.json under `out`."""
+    writable_dir(out, "--out")
+    runs = [(f"seed{s}", s, None, None) for s in seeds]
+    runs += [(f"seed{seeds[0]}-stage2-{1000 + j}", 1000 + j, os.path.join(out, f"seed{seeds[0]}"), seeds[0])
+             for j in range(stage2_seeds)]
+    results = {}
+    for name, seed, stage1_out, stage1_seed in runs:
+        sub = os.path.join(out, name)
+        prior = finished_result(sub, preset, seed, overrides)
+        if prior:
+            log(f"== {name}: reusing its finished results ==")
+            results[name] = prior
+            continue
+        log(f"== {name} ({len(results) + 1} of {len(runs)}) ==")
+        results[name] = reproduce(preset, sub, device, seed, lambda s, n=name: log(f"[{n}] {s}"), ablations,
+                                  stage1_out, stage1_seed, **overrides)
+    full = [results[f"seed{s}"] for s in seeds]
+    shared = [full[0]] + [r for n, r in results.items() if "-stage2-" in n]
+    rows = pooled_rows(full)
+    pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds,
+              "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
+              "sources": variance_sources(rows, pooled_rows(shared)) if stage2_seeds else None}
+    write_outputs(out, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
+    log(f"wrote {out}/pooled.md and pooled.json ({len(seeds)} full-pipeline seeds)")
+    return pooled
+
+
+def finished_result(sub, preset, seed, overrides):
+    """The results.json in `sub` if it was written by this preset, seed and settings, from the weights that are
+    in its stage folders now; else None (the seed is then run, reusing whatever stages still match)."""
+    try:
+        with open(os.path.join(sub, "results.json")) as f:
+            res = json.load(f)
+        p = preset_settings(preset, overrides)
+        same = (res["preset"] == preset and res["train"]["seed"] == seed and
+                res["settings"] == json.loads(json.dumps({k: v for k, v in p.items() if k != "train"})) and
+                all(res["train"][k] == v for k, v in p["train"].items()))
+        hashes = {k: weights_hash(load_checkpoint(os.path.join(os.path.dirname(res["stage1"]) if k == "mse" else
+                                                               os.path.join(sub, k), "ckpt.pt"))["ema"])
+                  for k in res["stage_hashes"]}
+        return res if same and hashes == res["stage_hashes"] else None
+    except (OSError, ValueError, KeyError, UsageError):
+        return None
+
+
+@functools.lru_cache(maxsize=None)
+def t_quantile(p, df):
+    """The p-quantile (p > 0.5) of Student's t distribution with df degrees of freedom: bisection on its CDF,
+    integrated numerically from its density (no scipy). t_quantile(0.975, 4) = 2.776."""
+    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
+    cdf = lambda x: 0.5 + np.trapezoid(c * (1 + np.linspace(0, x, 20001) ** 2 / df) ** (-(df + 1) / 2), dx=x / 20000)
+    lo, hi = 0.0, 1e3
+    for _ in range(60):
+        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
+    return (lo + hi) / 2
+
+
+def pooled_interval(values, level=0.95):
+    """(mean, 95% interval) over K training seeds: the t interval mean +- t_{K-1} sd / sqrt(K). Each seed's value
+    already carries its own sampling noise, so the spread of the values contains the variance between training
+    runs *and* the sampling variance: the interval is about the method, not one run. None for K = 1."""
+    v = np.asarray(values, dtype=np.float64)
+    if len(v) < 2:
+        return float(v.mean()), None
+    half = t_quantile((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
+
+
+def all_verdicts(res):
+    """A result's verdicts, the ablations' included."""
+    return res["verdicts"] + [v for a in res.get("ablations", []) for v in a["verdicts"]]
+
+
+def pooled_verdicts(results):
+    """For every pair and metric: the mean over seeds of the per-seed paired differences, its pooled interval,
+    the verdict called only when that interval excludes 0, and in how many seeds the per-seed verdict agreed."""
+    out = []
+    for i, v0 in enumerate(all_verdicts(results[0])):
+        per_seed = [all_verdicts(r)[i] for r in results]
+        entry = {"a": v0["a"], "b": v0["b"], "what": v0["what"]}
+        for key, _, sign in VERDICT_METRICS:
+            if key not in v0:
+                continue
+            diffs = [v[key]["diff"] for v in per_seed]
+            mean, ci = pooled_interval(diffs)
+            better = v0["a"] if (mean > 0) == (sign > 0) else v0["b"]
+            held = sum(v[key]["verdict"] == f"row {better} better in this run" for v in per_seed)
+            word = (f"row {better} better" if ci and not ci[0] <= 0 <= ci[1] else "not distinguishable over seeds"
+                    if ci else "one training run: no verdict about the method")
+            entry[key] = {"diff": mean, "ci": ci, "verdict": word, "held": held, "seeds": len(results),
+                          "per_seed": diffs}
+        out.append(entry)
+    return out
+
+
+def pooled_rows(results):
+    """Each row's metrics over seeds: mean, pooled interval, and the mean sampling standard error (the bootstrap
+    interval's width / 3.92) beside the standard deviation between seeds."""
+    rows = []
+    for i, r0 in enumerate(results[0]["rows"]):
+        row = {"row": r0["row"], "name": r0["name"]}
+        for key in METRIC_KEYS:
+            if key in r0:
+                vals = [r["rows"][i][key] for r in results]
+                mean, ci = pooled_interval(vals)
+                row[key] = {"mean": mean, "ci": ci, "sd_seeds": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
+                            "se_sampling": float(np.mean([(r["rows"][i][key + "_ci"][1] - r["rows"][i][key + "_ci"][0])
+                                                          / 3.92 for r in results]))}
+        rows.append(row)
+    return rows
+
+
+def variance_sources(a, b):
+    """Where the spread between seeds comes from, per row and metric, as standard deviations, from pooled_rows of
+    the full design (a) and of the shared-stage-1 design (b): sampling alone (the bootstrap's), stage-2 seeds on
+    one stage 1 (b's spread less sampling), and stage-1 seeds (a's spread less b's); negative variance
+    differences read as 0."""
+    out = []
+    for ra, rb in zip(a, b):
+        row = {"row": ra["row"], "name": ra["name"]}
+        for key in METRIC_KEYS:
+            if key in ra:
+                se, sd_s2, sd_full = rb[key]["se_sampling"], rb[key]["sd_seeds"], ra[key]["sd_seeds"]
+                row[key] = {"sampling": se, "stage2": max(sd_s2 ** 2 - se ** 2, 0) ** 0.5,
+                            "stage1": max(sd_full ** 2 - sd_s2 ** 2, 0) ** 0.5, "sd_full": sd_full, "sd_shared": sd_s2}
+        out.append(row)
+    return out
+
+
+def pooled_markdown(pooled):
+    """The pooled verdicts, each with its interval over seeds and k of K, the rows over seeds, and the sources."""
+    K = len(pooled["seeds"])
+    lines = [f"Verdicts about the method: {K} full-pipeline training seeds ({', '.join(map(str, pooled['seeds']))}), "
+             f"{pooled['samples_per_row']} samples per row and seed. Estimate: the mean over seeds of the paired "
+             f"difference row a - row b; interval: 95% t interval over the seeds (it includes the variance between "
+             "training runs and the sampling variance); a verdict is called only when it excludes 0; 'k of K': the "
+             "seeds whose own bootstrap verdict named the same row.", "",
+             "| a - b | question | metric | mean difference | 95% interval over seeds | verdict | held in |",
+             "|---|---|---|---|---|---|---|"]
+    names = {k: n for k, n, _ in VERDICT_METRICS}
+    for v in pooled["verdicts"]:
+        for key in names:
+            if key in v:
+                e = v[key]
+                lines.append(f"| {v['a']} - {v['b']} | {v['what']} | {names[key]} | {e['diff']:+.4f} | "
+                             f"{fmt_ci(e['ci']) if e['ci'] else '-'} | {e['verdict']} | {e['held']} of {e['seeds']} |")
+    lines += ["", "Rows over seeds (mean and 95% interval; sd between seeds beside the mean sampling standard error):",
+              "", "| row | model | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+    for r in pooled["rows"]:
+        spread = lambda e: f"{e['mean']:.3f} {fmt_ci(e['ci']) if e['ci'] else ''} (sd {e['sd_seeds'] or 0:.3f} / se {e['se_sampling']:.3f})"
+        lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(spread(r[k]) if k in r else "-" for k in METRIC_KEYS) + " |")
+    if pooled["sources"]:
+        lines += ["", f"Where the spread comes from (standard deviations): sampling alone | stage-2 seeds on one stage 1 "
+                  f"({pooled['stage2_seeds'] + 1} runs sharing seed {pooled['seeds'][0]}'s stage 1) | stage-1 seeds:",
+                  "", "| row | model | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+        for r in pooled["sources"]:
+            lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(
+                f"{r[k]['sampling']:.3f} / {r[k]['stage2']:.3f} / {r[k]['stage1']:.3f}" if k in r else "-"
+                for k in METRIC_KEYS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def verdict(a, b, what, rows, boots):
+    """The paired verdicts of row a against row b, one per metric both rows have: the difference a - b, its 95%
+    paired bootstrap interval, and the verdict it supports (sign -1: lower is better)."""
+    out = {"a": a, "b": b, "what": what}
+    for key, _, sign in VERDICT_METRICS:
+        if key in rows[a] and key in rows[b]:
+            d = rows[a][key] - rows[b][key]
+            ci = interval(d, boots[a][key] - boots[b][key])
+            word = ("not distinguishable in this run" if ci[0] <= 0 <= ci[1] else
+                    f"row {a if (d > 0) == (sign > 0) else b} better in this run")
+            out[key] = {"diff": d, "ci": ci, "verdict": word}
+    return out
+
+
+def fmt_ci(ci):
+    """[lo, hi] as text."""
+    return f"[{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
+def write_outputs(out, files, log):
+    """Write finished text files; if one cannot be written (disk full, folder removed), say so in one line and
+    keep the others: the numbers are also in the log above."""
+    for name, text in files.items():
+        try:
+            with open(os.path.join(out, name), "w") as f:
+                f.write(text)
+        except OSError as e:
+            log(f"error: could not write {os.path.join(out, name)} ({e.strerror or e}); its content is not lost: "
+                f"the rows are in the log above")
+
+
+def results_markdown(res):
+    """The results tables with their intervals and protocol, and what they say about the paper's ordering."""
+    rows, proto, real = res["rows"], res["protocol"], res["real"]
+    first = proto["features"]
+    second = "IS" if first == "inception" else "cond. accuracy"
+    c = cell
+    lines = [f"| row | model | sampled | train steps | Frechet distance ({first}) | Frechet distance (random features) | "
+             f"KID ({first}) | KID (random features) | {second} | class entropy | rarest class | sampling s |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        how = {"cond": "no guidance", "null": "null label, no guidance"}.get(r["mode"], f"w={r['cfg_scale']:g}, phi={r['cfg_rescale']:g}")
+        snd = f"{r['is']:.2f}" if "is" in r else c(r, "cond_acc")
+        lines.append(f"| {r['row']} | {r['name']} | {how} | {r['train_steps']} | {c(r, 'fd')} | {c(r, 'fd_random')} | "
+                     f"{c(r, 'kid')} | {c(r, 'kid_random')} | {snd} | {c(r, 'class_entropy')} | {c(r, 'rarest_class')} | "
+                     f"{r['sample_seconds']} |")
+    if "class_entropy" in real:
+        lines.append(f"| - | real images | - | - | - | - | - | - | - | {real['class_entropy']:.3f} | {real['rarest_class']:.3f} | - |")
+    lines += ["", "Pixel statistics (images in [0, 1]; spectrum distance: RMS over radii of log10 of the radially "
+              "averaged power spectrum's ratio to the real images'):", "",
+              "| row | mean | std | saturation | contrast | spectrum distance |", "|---|---|---|---|---|---|",
+              f"| real | {real['mean']:.3f} | {real['std']:.3f} | {real['saturation']:.3f} | {real['contrast']:.3f} | 0 |"]
+    for r in rows:
+        lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in ("mean", "std", "saturation", "contrast",
+                                                                        "spectrum_dist")) + " |")
+    ceil = res["prdc_ceiling"] or {}
+    lines += ["", f"Realism and diversity: precision and recall (k = 3), density and coverage (k = 5), on features "
+              f"standardised by the real set's, {rows[0]['samples']} real against {rows[0]['samples']} generated; the "
+              "ceiling is one real subset against another, disjoint one (what a perfect model scores at this n):", "",
+              "| row | " + " | ".join(f"{k} ({first})" for k in PRDC) + " | " + " | ".join(f"{k} (random)" for k in PRDC)
+              + " |", "|---|" + "---|" * 8,
+              "| real vs real | " + " | ".join(f"{ceil[k]:.3f}" if k in ceil else "-" for k in SWEEP_KEYS[2:]) + " |"]
+    for r in rows:
+        lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in SWEEP_KEYS[2:]) + " |")
+    lines += ["", f"Paired differences (row a - row b: the rows share their initial noise and labels; 95% paired "
+              f"bootstrap interval, {rows[0]['bootstrap_resamples']} resamples). These verdicts rest on ONE training run "
+              f"of each stage (seed {res['train']['seed']}) and {rows[0]['samples']} samples per row: they describe this "
+              "run, not the method (reproduce --seeds K pools K training runs):", ""]
+    lines += verdict_lines(res["verdicts"])
+    lines += ["", rulers_line(res["verdicts"]), "", convergence_line(res)]
+    lines += ["", "x0_hat from one step (`x0_hat.png`): high-frequency energy relative to real images (1 = as sharp)"
+              f" and Frechet distance ({first}) to the real images, on {res['settings']['x0_n']} held-out images:", "",
+              "| t | " + " | ".join(f"{k}: high-freq / FD" for k in res["x0_hat"][0] if k != "t") + " |",
+              "|---|" + "---|" * (len(res["x0_hat"][0]) - 1)]
+    for row in res["x0_hat"]:
+        lines.append(f"| {row['t']} | " + " | ".join(f"{v['high_freq']:.3f} {fmt_ci(v['high_freq_ci'])} / {v['fd']:.3f} "
+                                                      f"{fmt_ci(v['fd_ci'])}" for k, v in row.items() if k != "t") + " |")
+    r0 = rows[0]
+    lines += ["", f"Protocol: {r0['samples']} samples per row, {r0['sampler']} eta={r0['eta']}, {r0['steps']} steps, "
+              f"{r0['spacing']} spacing, seed {r0['seed']}, labels cycling through the classes (rows 6-8 and 10: the "
+              f"null label), the same initial noise in every row; real statistics from {proto['real_images']} "
+              f"{proto['data']} images of the {proto['real_split']} split; first ruler: {first}"
+              + (f" (its accuracy on those real images: {proto['classifier_accuracy_on_real']:.3f})"
+                 if "classifier_accuracy_on_real" in proto else "") + "; second ruler: fixed random features. "
+              "Intervals: 95%, bootstrap over the samples (real statistics held fixed), percentile interval "
+              "shifted to the estimate. A Frechet distance is biased upwards at finite n (two samples of one "
+              "distribution score above 0, by an amount that depends on each row's covariance); KID (unbiased MMD^2, "
+              "cubic kernel) is not, and scores about 0 there.", "",
+              "Guidance sweep for row 3 (other seed, " + f"{res['settings']['sweep_n']} samples): " +
+              ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in res["guidance_sweep"]) +
+              f"; chosen w={res['guidance'][0]:g}, phi={res['guidance'][1]:g}. Autoguidance sweep (null label; guide: "
+              f"stage 1's EMA at 1/8 of its steps): " + ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in
+                                                                   res["autoguidance_sweep"]) +
+              f"; chosen w={res['autoguidance'][0]:g} for rows 9 and 10.", "",
+              f"Wall time {res['wall_seconds'] / 60:.1f} min on {res['device']} ({res['torch_threads']} torch threads)"
+              + (f"; stages reused from an earlier run: {', '.join(res['reused_stages'])}" if res["reused_stages"] else "")
+              + "."]
+    return "\n".join(lines) + "\n"
+
+
+def cell(r, k):
+    """A row's metric k with its interval, as text ("-" when the row has none)."""
+    return f"{r[k]:.3f} {fmt_ci(r[k + '_ci'])}" if k in r else "-"
+
+
+def verdict_lines(verdicts):
+    """The paired verdicts as a table, one line per pair and metric."""
+    return ["| a - b | question | metric | difference [95% interval] | verdict |", "|---|---|---|---|---|"] + [
+        f"| {v['a']} - {v['b']} | {v['what']} | {name} | {v[k]['diff']:+.4f} {fmt_ci(v[k]['ci'])} | {v[k]['verdict']} |"
+        for v in verdicts for k, name, _ in VERDICT_METRICS if k in v]
+
+
+def rulers_line(verdicts):
+    """One line: the comparisons where both rulers give the same verdict, and those where they differ."""
+    agree, differ = [], []
+    for v in verdicts:
+        if "fd" in v and "fd_random" in v:
+            (agree if v["fd"]["verdict"] == v["fd_random"]["verdict"] else differ).append(f"{v['a']}-{v['b']}")
+    return (f"Rulers: the two Frechet distances agree on {', '.join(agree) or 'no comparison'}; they disagree on "
+            f"{', '.join(differ) or 'none'}.")
+
+
+def convergence_line(res):
+    """Is stage 1 converged? The control's gain over row 1, and what it means for the row-4-vs-row-1 verdict."""
+    r1, r2 = (next(r for r in res["rows"] if r["row"] == k) for k in (1, 2))
+    gain = (r1["fd"] - r2["fd"]) / r1["fd"] if r1["fd"] > 0 else 0.0
+    v = next(v for v in res["verdicts"] if (v["a"], v["b"]) == (2, 1))["fd"]
+    text = (f"Convergence of stage 1: the control (row 2, {r2['train_steps'] - r1['train_steps']} more MSE steps) "
+            f"changed the Frechet distance by {-100 * gain:+.0f}% against row 1 ({v['diff']:+.3f} {fmt_ci(v['ci'])}).")
+    if v["ci"][0] <= 0 <= v["ci"][1]:
+        text += (" That change is not distinguishable from none at this sample size (which does not show that stage 1 "
+                 "converged); row 4 against row 2 stays the fair comparison.")
+    elif v["diff"] > 0:
+        text += (" The control got measurably WORSE than stage 1, so the extra steps alone moved the model: row 4 "
+                 "against row 1 mixes the objective with that change; row 4 against row 2 is the fair comparison.")
+    elif gain > 0.1:
+        text += (" That gain is large: stage 1 was not converged, so row 4 against row 1 mixes the objective with "
+                 "training length; row 4 against row 2 is the fair comparison.")
+    else:
+        text += " The gain is under 10% but measurable: row 4 against row 2 remains the fair comparison."
+    return text
+
+
+def ablations_markdown(res):
+    """The ablation table: each variant evaluated exactly like row 4, with paired verdicts against rows 4 and 2."""
+    keys = ["fd", "fd_random", "kid", "precision", "recall", "cond_acc"]
+    rows = [next(r for r in res["rows"] if r["row"] == 4)] + [a["ablation"] for a in res["ablations"]]
+    lines = ["| row | variant | " + " | ".join(keys) + " |", "|---|---|" + "---|" * len(keys)]
+    lines += [f"| {r['row']} | {r['name']} | " + " | ".join(cell(r, k) for k in keys) + " |" for r in rows]
+    lines += ["", f"Each variant: {res['settings']['stage2_steps']} stage-2 steps at lr {res['settings']['stage2_lr']:g} "
+              "from the same stage-1 checkpoint as row 4, sampled and measured exactly like row 4 (same noise, labels "
+              "and rulers); 95% paired bootstrap intervals, one training run:", ""]
+    return "\n".join(lines + verdict_lines([v for a in res["ablations"] for v in a["verdicts"]])) + "\n"
+
+
+def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides):
+    """The projected wall time of `reproduce --preset`, stage by stage, from a few timed steps of each objective
+    and of sampling on `device` (random data of the preset's shape: nothing is downloaded or trained), for `runs`
+    full-pipeline seeds and `stage2_runs` runs on a shared stage 1. Not included: building the ruler (classifier
+    training or Inception features) and writing pictures."""
+    p = preset_settings(preset, overrides)
+    device = device or TRAIN_DEFAULTS["device"]
+    sample_batch = max_forward_batch(device) or 256
+    t = step_times({**p["train"], "device": device}, iters=3, sample_steps=4)
+    t_fwd = t["unguided"] / (4 * p["train"]["batch_size"])          # seconds per image per unguided step
+    t_gfwd = t["guided"] / (4 * p["train"]["batch_size"])
+    k = 10                                                          # classes of shapes and CIFAR-10
+    n_unguided, n_guided = sum(m in ("cond", "null") for *_, m in ROWS), sum(m not in ("cond", "null") for *_, m in ROWS)
+    unguided = p["eval_steps"] * ((n_unguided * p["eval_n"] + 2 * p["sweep_n"]) + 3 * p["picture_per_class"] * k) + 12 * p["x0_n"]
+    guided = p["eval_steps"] * (n_guided * p["eval_n"] + 3 * len(p["sweep_scales"]) * p["sweep_n"] +
+                                2 * p["picture_per_class"] * k)
+    parts = [(f"stage 1: mse, {p['stage1_steps']} steps", p["stage1_steps"] * t["mse"]),
+             (f"stage 2: self-perceptual, {p['stage2_steps']} steps", p["stage2_steps"] * t["self-perceptual"]),
+             (f"control: mse, {p['stage2_steps']} steps", p["stage2_steps"] * t["mse"]),
+             (f"evaluation: {unguided + guided:,} image-steps ({guided:,} guided)", unguided * t_fwd + guided * t_gfwd)]
+    total = sum(sec for _, sec in parts)
+    if runs > 1 or stage2_runs:
+        total = runs * total + stage2_runs * sum(sec for _, sec in parts[1:])
+        parts.append((f"x {runs} seeds + {stage2_runs} runs on a shared stage 1", total - sum(sec for _, sec in parts)))
+    log(f"estimate for --preset {preset} on {device} ({t['params'] / 1e6:.2f}M parameters; measured: 3 training steps "
+        f"per objective at batch {p['train']['batch_size']}, 4 sampling steps; sampling forwards chunked to {sample_batch})")
+    for name, sec in parts:
+        log(f"  {name:55s} {sec / 60:8.1f} min")
+    log(f"  {'total (without building the ruler)':55s} {total / 60:8.1f} min"
+        f"   (--ablations adds {len(ABLATIONS)} x {p['stage2_steps'] * t['self-perceptual'] / 60:.1f} min of training)")
+    return {"parts": {name: sec for name, sec in parts}, "total_seconds": total}
+
+
+def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
+    """Every accelerator path once, timed, in one command (a few minutes on a data-centre GPU; --tiny on a CPU is
+    how the test suite runs it): bench's figures (training img/s of both objectives, sampling img/s unguided and
+    guided at the training batch) in fp32, bf16 and compiled bf16 (with its first step, compilation included),
+    with the cifar10 preset's model on the built-in shapes at 32 px (no network needed); a 1-rank torchrun DDP run
+    (nccl on CUDA); peak memory; a tiny end-to-end reproduce; the cifar10 preset's projected training hours.
+    Writes one JSON; returns the failures."""
+    import platform
+    import subprocess
+    import tempfile
+    dev = torch.device(device)
+    model_keys = ["channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "batch_size"]
+    cfg = {**{k: PRESETS["cifar10"]["train"][k] for k in model_keys}, "image_size": 32, "device": device}
+    if tiny:
+        cfg.update(channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="", batch_size=4, image_size=8)
+    figures = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+               "torch": torch.__version__, "config": cfg}
+    failures = {}
+
+    def part(name, fn):
+        t0 = time.time()
+        try:
+            figures[name] = fn()
+            log(f"{name}: {json.dumps(figures[name])} ({time.time() - t0:.0f} s)")
+        except Exception as e:                                     # every path is tried; each failure is reported
+            failures[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            log(f"{name}: FAILED {failures[name]}")
+
+    speeds = lambda **kw: bench({**cfg, **kw}, iters=2 if tiny else 20, log=lambda s: None)
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    for precision in ("fp32", "bf16"):
+        part(precision, lambda: speeds(precision=precision))
+    part("compile_bf16", lambda: speeds(precision="bf16", compile=True))
+    figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    with tempfile.TemporaryDirectory() as tmp:
+        def ddp():
+            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", perceptual_diffusion.__file__,
+                    "train", "--steps", "4", "--out", os.path.join(tmp, "ddp"), "--device", device, "--sample-every", "0",
+                    *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "device"]]
+            t0 = time.time()
+            r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
+            if r.returncode:
+                raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
+            return {"seconds": time.time() - t0, "backend": "nccl" if dev.type == "cuda" else "gloo"}
+        part("ddp_torchrun_1_rank", ddp)
+        part("reproduce_smoke", lambda: {"minutes": reproduce("smoke", os.path.join(tmp, "r"), device,
+                                                              log=lambda s: None)["wall_seconds"] / 60})
+    if "bf16" in figures:                                          # stage 1 + stage 2 + control, at the bf16 speeds
+        c, f = PRESETS["cifar10"], figures["bf16"]
+        figures["cifar10_preset_training_hours"] = c["train"]["batch_size"] / 3600 * (
+            (c["stage1_steps"] + c["stage2_steps"]) / f["train_img_s_mse"] + c["stage2_steps"] / f["train_img_s_self_perceptual"])
+    figures["failures"] = failures
+    with open(out, "w") as f:
+        json.dump(figures, f, indent=1)
+    log(f"wrote {out}: {len(failures)} failure(s)")
+    return failures
+
+
+# =================================================================================================
+#                                       9. Command line
+# =================================================================================================
+
+def at_least(k):
+    """An integer >= k (a covariance needs at least 2 samples)."""
+    return ranged(int, lambda v: v >= k, f"an integer >= {k}")
+
+
+def seeds_arg(text):
+    """'K' (seeds 0..K-1, K >= 1) or 'S1,S2,...' (distinct integers): the training seeds of reproduce --seeds."""
+    try:
+        seeds = list(range(int(text))) if "," not in text else [int(v) for v in text.split(",")]
+    except ValueError:
+        seeds = []
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise argparse.ArgumentTypeError(f"must be a count K >= 1 or distinct seeds such as 0,3,7, got {text!r}")
+    return seeds
+
+
+def build_parser():
+    """The command line: reproduce, evaluate, gpucheck. Every numeric flag's range is its type."""
+    parser = Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0].strip(),
+                    formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", parser_class=Parser)
+    p = sub.add_parser("evaluate", help="Frechet distances, conditional accuracy (or IS) and pixel statistics of a checkpoint's samples, with 95% intervals")
+    add_sampling_args(p)
+    p.add_argument("--n", type=at_least(2), default=1000, help="number of samples (default: 1000)")
+    p.add_argument("--label", type=NONNEG_INT, default=None, help="as for sample (num_classes: unconditional)")
+    p.add_argument("--features", default="classifier", choices=["classifier", "inception", "fid"],
+                   help="first feature network: classifier (trained here, offline), inception (torchvision's weights, "
+                        "downloads) or fid (standard FID: optional package pytorch-fid); the second is always fixed "
+                        "random features")
+    p.add_argument("--real-n", type=at_least(2), default=2000, help="real images for the reference statistics (default: 2000)")
+    p.add_argument("--classifier-steps", type=POS_INT, default=CLASSIFIER_STEPS, help="training steps of the "
+                   f"classifier ruler, cached per data set under the data folder (default: {CLASSIFIER_STEPS}, as reproduce)")
+    p.add_argument("--resamples", type=at_least(20), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
+    p.add_argument("--json", default="", help="also write the result, with its protocol, to this JSON file")
+    p = sub.add_parser("reproduce", help="the paper's comparison: train both stages, evaluate every row, write tables and pictures")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (default), cpu-long (<= 60 min on 2 cores), "
+                   "cifar10 (one GPU), smoke (seconds)")
+    p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
+    p.add_argument("--device", type=DEVICE, default=None, help="device (default: cuda when available, else cpu)")
+    p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
+    p.add_argument("--seeds", type=seeds_arg, default=None, metavar="K|S1,S2,..", help="run the whole pipeline once per "
+                   "training seed (K: seeds 0..K-1), each in --out/seedS, and pool the verdicts over them (pooled.md)")
+    p.add_argument("--stage2-seeds", type=NONNEG_INT, default=0, help="with --seeds: J more runs on the first seed's "
+                   "stage 1 with their own stage-2 and sampling seeds, to split the spread into its sources (default: 0)")
+    p.add_argument("--cooldown", type=UNIT, default=None, help="override the preset's stage-1 cool-down fraction (0: "
+                   "constant learning rate)")
+    p.add_argument("--stage1-steps", type=POS_INT, default=None, help="override the preset's stage-1 (MSE) steps")
+    p.add_argument("--stage2-steps", type=POS_INT, default=None, help="override the preset's stage-2 steps (and the control's)")
+    p.add_argument("--eval-n", type=at_least(2), default=None, help="override the preset's samples per row")
+    p.add_argument("--ablations", action="store_true", help="also train and evaluate the paper's ablations of the "
+                   "self-perceptual objective; writes ablations.md and ablations.json")
+    p.add_argument("--estimate", action="store_true", help="time a few steps of each stage and of sampling and print "
+                   "the projected wall time; train nothing")
+    add_train_args(p, REPRODUCE_TRAIN_ARGS, override=True)
+    p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
+    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available)")
+    p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")
+    p.add_argument("--out", default="gpu_check.json", help="the JSON of figures (default: gpu_check.json)")
+    return parser
+
+
+def main(argv=None):
+    """Run one command; a UsageError is one line on stderr and exit code 2."""
+    argv = sys.argv[1:] if argv is None else argv
+    sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv or ["reproduce"])
+        if args.command is None:
+            parser.error("a command is needed: reproduce, evaluate or gpucheck")
+    except SystemExit as e:                                        # a bad flag (one line already printed), or --help
+        return e.code
+    try:
+        if args.command == "evaluate":
+            if args.json:
+                writable_file(args.json, "--json", [".json"])
+            ckpt, model, guide = load_for_sampling(args)
+            c = ckpt["config"]
+            ruler = Ruler(args.features, c["data"], c["data_dir"], c["image_size"], c["data_seed"], args.real_n,
+                          torch.device(args.device), classifier_steps=args.classifier_steps)
+            res, _ = evaluate_model(model, schedule_from(c), ruler, args.n, args.steps, args.cfg, args.cfg_rescale,
+                                    args.eta, args.spacing, args.seed, args.batch, args.precision, args.label,
+                                    args.resamples, args.cfg_interval, guide)
+            res["checkpoint"], res["train_steps"] = args.ckpt, ckpt.get("total_steps", ckpt["step"])
+            print(json.dumps(res))
+            if args.json:
+                try:
+                    with open(args.json, "w") as f:
+                        json.dump(res, f, indent=1)
+                except OSError as e:
+                    raise OSError(f"could not write --json {args.json!r} ({e.strerror or e}); the result is the "
+                                  f"JSON line printed above")
+        elif args.command == "reproduce":
+            overrides = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
+                             cooldown=args.cooldown, train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
+            if args.stage2_seeds and not args.seeds:
+                raise UsageError("--stage2-seeds needs --seeds")
+            if args.estimate:
+                estimate(args.preset, args.device, runs=len(args.seeds or [0]), stage2_runs=args.stage2_seeds, **overrides)
+            elif args.seeds:
+                reproduce_seeds(args.preset, args.out, args.seeds, args.stage2_seeds, args.device,
+                                ablations=args.ablations, **overrides)
+            else:
+                reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations, **overrides)
+        elif args.command == "gpucheck":
+            writable_file(args.out, "--out", [".json"])
+            return 1 if gpu_check(args.device, args.tiny, args.out) else 0
+    except UsageError as e:
+        print(f"error: {e}", file=sys.stderr)
+        if dist.is_initialized():                                  # under torchrun every rank stops here alike
+            dist.destroy_process_group()
+        return 2
+    except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:                                      # Ctrl-C, or a signal that stopped a stage
+        print("stopped: the last checkpoint is kept; rerun the same command to continue", file=sys.stderr)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

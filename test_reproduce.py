@@ -1,0 +1,629 @@
+"""Tests of reproduce.py, the measurement: rulers, intervals, verdicts, the comparison and its seeds, evaluate,
+gpucheck. Each name states the property it checks. All on CPU, tiny models.
+Run: python -m pytest -q"""
+import json
+import math
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import perceptual_diffusion as pd
+import reproduce as rp
+from test_perceptual_diffusion import (TINY_FLAGS, numeric_flags, refused_before_any_work, tiny_train,
+                                       unwritable_output_refused)
+
+def frechet(mu1, cov1, mu2, cov2):
+    """One Frechet distance through the batched frechet_distances."""
+    return float(rp.frechet_distances(mu1.double()[None], cov1.double()[None], mu2.double(), cov2.double())[0])
+
+
+def test_frechet_distance_of_a_set_with_itself_is_zero():
+    f = torch.randn(500, 16, dtype=torch.float64) @ torch.randn(16, 16, dtype=torch.float64)
+    assert abs(frechet(*rp.feature_stats(f), *rp.feature_stats(f))) < 1e-8
+
+
+def test_frechet_distance_between_known_gaussians_matches_closed_form():
+    g = torch.Generator().manual_seed(0)
+    A = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    C1, mu1, mu2 = A @ A.T + 0.1 * torch.eye(8, dtype=torch.float64), torch.zeros(8), torch.ones(8)
+    # Commuting covariances C2 = k C1: d^2 = ||mu1 - mu2||^2 + (1 - sqrt(k))^2 tr(C1).
+    assert frechet(mu1, C1, mu2, 4 * C1) == pytest.approx(8 + tr(C1), rel=1e-9)
+    # A non-commuting pair, against tr sqrt(C1 C2) = sum sqrt(eig(C1 C2)) from numpy.
+    B = torch.randn(8, 8, generator=g, dtype=torch.float64)
+    C2 = B @ B.T + 0.1 * torch.eye(8, dtype=torch.float64)
+    ref = 8 + tr(C1) + tr(C2) - 2 * np.sqrt(np.linalg.eigvals((C1 @ C2).numpy()).real).sum()
+    assert frechet(mu1, C1, mu2, C2) == pytest.approx(ref, rel=1e-9)
+
+
+def tr(c):
+    return c.trace().item()
+
+
+def test_inception_score_is_one_for_constant_and_k_for_uniform_confident_predictions():
+    assert rp.inception_score(torch.zeros(100, 10)) == pytest.approx(1.0)
+    confident = 50 * F.one_hot(torch.arange(1000) % 10, 10).float()
+    assert rp.inception_score(confident) == pytest.approx(10.0, rel=1e-3)
+
+
+def test_classifier_ruler_runs_offline_and_is_cached(tmp_path):
+    data_dir = str(tmp_path / "data")
+    ruler = rp.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
+                     log=lambda s: None)
+    cache = rp.cache_path(data_dir, "classifier30", "shapes", 16, 0)             # keyed by data, size, seed, steps
+    assert os.path.isfile(cache) and 0 <= ruler.protocol["classifier_accuracy_on_real"] <= 1
+    assert ruler.protocol["ruler"] == os.path.basename(cache)
+    real, y, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    res, _ = ruler.measure(pd.to_model_range(real[:200]), y[:200], resamples=50)
+    assert abs(res["fd"]) < 1e-6 and abs(res["fd_random"]) < 1e-6
+    assert res["cond_acc"] == pytest.approx(ruler.protocol["classifier_accuracy_on_real"])
+    assert res["saturation"] == pytest.approx(ruler.real_values["saturation"])
+    noise, _ = ruler.measure(torch.rand(200, 3, 16, 16) * 2 - 1, y[:200], resamples=50)
+    assert noise["fd_ci"][0] > 1.0 and noise["kid_ci"][0] > 0 and noise["fd_random_ci"][0] > 0   # far from real
+    again = rp.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
+                     log=lambda s: "classifier step" in s and pytest.fail("retrained instead of reusing the cache"))
+    assert torch.equal(again.real_stats["classifier"][0], ruler.real_stats["classifier"][0])
+
+
+def test_bootstrap_weights_are_counts_of_n_draws_and_deterministic_from_the_seed():
+    w = rp.bootstrap_weights(50, 200, seed=3)
+    assert w.shape == (201, 50) and torch.equal(w[0], torch.ones(50)) and (w.sum(1) == 50).all()
+    assert torch.equal(w, rp.bootstrap_weights(50, 200, seed=3)) and not torch.equal(w, rp.bootstrap_weights(50, 200, 4))
+    f = torch.randn(50, 4, dtype=torch.float64)
+    mu, cov = rp.feature_stats(f, w[:3])
+    assert torch.allclose(mu[0], f.mean(0)) and torch.allclose(cov[0], torch.cov(f.T))
+    idx = torch.repeat_interleave(torch.arange(50), w[1].long())   # resample 1 written out as indices
+    assert torch.allclose(cov[1], torch.cov(f[idx].T))
+
+
+def paired_fd_interval(a, b, ref, seed=0):
+    """The paired bootstrap interval of FD(a) - FD(b) against reference features ref, as reproduce computes it."""
+    mu_r, cov_r = rp.feature_stats(ref)
+    w = rp.bootstrap_weights(len(a), 500, seed)
+    fd_a, fd_b = (rp.frechet_distances(*rp.feature_stats(x, w), mu_r, cov_r) for x in (a, b))
+    return rp.interval(fd_a[0] - fd_b[0], fd_a[1:] - fd_b[1:])
+
+
+def test_paired_interval_contains_zero_for_one_distribution_and_excludes_it_for_two():
+    g = torch.Generator().manual_seed(0)
+    ref, a, b = (torch.randn(600, 8, generator=g, dtype=torch.float64) for _ in range(3))
+    lo, hi = paired_fd_interval(a, b, ref)                         # a and b: the same distribution
+    assert lo < 0 < hi
+    lo, hi = paired_fd_interval(a, 1.2 * b + 0.1, ref)            # b: wider and shifted
+    assert hi < 0
+
+
+def test_kid_is_about_zero_for_one_distribution_and_its_interval_excludes_zero_for_two():
+    g = torch.Generator().manual_seed(0)
+    ref, a = torch.randn(2000, 16, generator=g, dtype=torch.float64), torch.randn(600, 16, generator=g, dtype=torch.float64)
+    w = rp.bootstrap_weights(600, 500, seed=1)
+    same = rp.resampled_kid(a, w, ref, rp.kid_real_term(ref))
+    lo, hi = rp.interval(same[0], same[1:])
+    assert lo < 0 < hi and abs(same[0]) < 0.01
+    # The plug-in Frechet distance of the same two samples is clearly positive: the bias KID does not have.
+    assert rp.resampled_fd(a, w[:1], (*rp.feature_stats(ref), rp.sqrtm_psd(rp.feature_stats(ref)[1])))[0] > 0.1
+    other = rp.resampled_kid(1.2 * a + 0.1, w, ref, rp.kid_real_term(ref))
+    assert rp.interval(other[0], other[1:])[0] > 0
+
+
+def test_kid_of_a_resample_leaves_out_pairs_of_copies_and_matches_the_written_out_u_statistic():
+    g = torch.Generator().manual_seed(2)
+    a, ref = torch.randn(30, 4, generator=g, dtype=torch.float64), torch.randn(40, 4, generator=g, dtype=torch.float64)
+    w = rp.bootstrap_weights(30, 3, seed=0)
+    got = rp.resampled_kid(a, w, ref, rp.kid_real_term(ref), block=7)          # blocks that do not divide n
+    for row in range(4):
+        idx = torch.repeat_interleave(torch.arange(30), w[row].long())        # the resample written out
+        K = rp.cubic_kernel(a[idx], a[idx])
+        same = idx[:, None] == idx[None, :]                                     # pairs of copies of one original
+        within = K[~same].sum() / (900 - (w[row] ** 2).sum())
+        Kr = rp.cubic_kernel(ref, ref)
+        expected = within + (Kr.sum() - Kr.trace()) / (40 * 39) - 2 * rp.cubic_kernel(a[idx], ref).mean()
+        assert got[row].item() == pytest.approx(expected.item(), rel=1e-9)
+
+
+def test_resampled_frechet_distance_equals_the_direct_one_and_its_memory_stays_under_the_stated_bound():
+    g = torch.Generator().manual_seed(0)
+    f, ref = torch.randn(300, 8, generator=g, dtype=torch.float64), torch.randn(500, 8, generator=g, dtype=torch.float64)
+    mu, cov = rp.feature_stats(ref)
+    w = rp.bootstrap_weights(300, 20, seed=0)
+    chunked = rp.resampled_fd(f, w, (mu, cov, rp.sqrtm_psd(cov)), budget=1)      # one resample per chunk
+    assert torch.allclose(chunked, rp.frechet_distances(*rp.feature_stats(f, w), mu, cov), rtol=1e-9)
+    # D = 512, n = 1000, 200 resamples: all at once it peaks at 2.0 GB (measured). With a 64 MiB budget the
+    # docstring's bound is 8 c (n D + 3 D^2) <= 64 MiB (measured: 67 MB). Measured in a subprocess as the growth
+    # of its peak resident memory (Linux: VmHWM, reset through clear_refs), large blocks given back when freed.
+    code = """
+import torch, reproduce as rp
+kb = lambda key: int(next(l for l in open('/proc/self/status') if l.startswith(key)).split()[1])
+g = torch.Generator().manual_seed(0)
+f = torch.randn(1000, 512, generator=g, dtype=torch.float64)
+ref = (f.mean(0), torch.eye(512, dtype=torch.float64), torch.eye(512, dtype=torch.float64))
+w = rp.bootstrap_weights(1000, 200, 0)
+rp.resampled_fd(f[:50], w[:2, :50], ref)                      # load the kernels before measuring
+open('/proc/self/clear_refs', 'w').write('5')
+before = kb('VmRSS')
+rp.resampled_fd(f, w, ref, budget=64 * 2 ** 20)
+print((kb('VmHWM') - before) / 1024)"""
+    if not os.path.exists("/proc/self/clear_refs"):
+        pytest.skip("peak memory is measured through Linux's /proc")
+    grown_mb = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                                    env={**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"},
+                                    cwd=os.path.dirname(os.path.abspath(rp.__file__))).stdout.split()[-1])
+    assert grown_mb < 64 + 16                                      # the budget, plus small temporaries
+
+
+def rows_and_boots(fd_a, fd_b, acc_a, acc_b):
+    """Two rows whose paired replicates differ by a fixed amount plus small noise: a clear verdict."""
+    g = torch.Generator().manual_seed(0)
+    noise = 0.01 * torch.randn(200, generator=g, dtype=torch.float64)
+    rows = {1: {"fd": fd_a, "cond_acc": acc_a}, 2: {"fd": fd_b, "cond_acc": acc_b}}
+    boots = {1: {"fd": fd_a + noise, "cond_acc": acc_a + noise}, 2: {"fd": torch.full((200,), fd_b, dtype=torch.float64),
+                                                                    "cond_acc": torch.full((200,), acc_b, dtype=torch.float64)}}
+    return rows, boots
+
+
+def test_verdict_names_the_row_with_lower_distance_and_higher_accuracy_as_better():
+    v = rp.verdict(1, 2, "q", *rows_and_boots(fd_a=1.0, fd_b=2.0, acc_a=0.3, acc_b=0.6))
+    assert v["fd"]["verdict"] == "row 1 better in this run" and v["fd"]["diff"] == pytest.approx(-1.0)
+    assert v["cond_acc"]["verdict"] == "row 2 better in this run" and v["cond_acc"]["ci"][1] < 0
+    v = rp.verdict(1, 2, "q", *rows_and_boots(fd_a=2.0, fd_b=2.0, acc_a=0.6, acc_b=0.6))
+    assert v["fd"]["verdict"].startswith("not distinguishable")
+
+
+@pytest.mark.parametrize("diff, ci, expected", [
+    (-3.0, [-4.0, -2.0], "not converged"), (-0.2, [-0.3, -0.1], "under 10% but measurable"),
+    (-0.2, [-0.5, 0.1], "not distinguishable"), (4.0, [3.0, 5.0], "WORSE")])
+def test_convergence_line_follows_the_sign_and_size_of_the_controls_change(diff, ci, expected):
+    res = {"rows": [{"row": 1, "fd": 10.0, "train_steps": 100}, {"row": 2, "fd": 10.0 + diff, "train_steps": 120}],
+           "verdicts": [{"a": 2, "b": 1, "fd": {"diff": diff, "ci": ci}}]}
+    line = rp.convergence_line(res)
+    assert expected in line and f"{100 * diff / 10:+.0f}%" in line
+
+
+@pytest.fixture(scope="module")
+def shapes_ruler(tmp_path_factory):
+    return rp.Ruler("classifier", "shapes", str(tmp_path_factory.mktemp("ruler")), 16, 0, 500, torch.device("cpu"),
+                    classifier_steps=150, log=lambda s: None)
+
+
+def degrade(x, kind, strength):
+    """A known degradation of images in [-1, 1]: blur (box filter of width 1 + 2 * strength), desaturation
+    (mix towards grey), additive Gaussian noise."""
+    if kind == "blur":
+        k = 1 + 2 * strength
+        return F.avg_pool2d(F.pad(x, [strength] * 4, mode="replicate"), k, stride=1)
+    if kind == "desaturate":
+        return x + strength / 3 * (x.mean(1, keepdim=True) - x)
+    return x + strength / 3 * torch.randn(x.shape, generator=torch.Generator().manual_seed(0))
+
+
+@pytest.mark.parametrize("kind", ["blur", "desaturate", "noise"])
+def test_each_ruler_is_a_ruler_real_against_real_is_near_its_floor_and_degradation_raises_it(shapes_ruler, kind):
+    held = pd.to_model_range(shapes_ruler.heldout[500:1000])       # real images the reference does not contain
+    y = shapes_ruler.heldout_y[500:1000]
+    floor, _ = shapes_ruler.measure(held, y, resamples=200)
+    seen = [floor] + [shapes_ruler.measure(degrade(held, kind, s), y, resamples=20)[0] for s in (1, 2, 3)]
+    for key in ("fd", "fd_random"):
+        values = [r[key] for r in seen]
+        assert values == sorted(values) and len(set(values)) == 4, (key, values)   # strictly rising with strength
+        # and the strongest beyond what real-against-real sampling noise gives -- except that the shape classifier
+        # barely sees colour (measured: full desaturation moves it less than its own noise), the blind spot the
+        # second ruler is there for
+        if not (key == "fd" and kind == "desaturate"):
+            assert values[3] > floor[key + "_ci"][1], (key, values)
+    # the pixel statistics move the way each degradation says
+    if kind == "blur":
+        assert seen[3]["spectrum_dist"] > seen[1]["spectrum_dist"] > floor["spectrum_dist"]
+    if kind == "desaturate":
+        assert seen[3]["saturation"] < seen[1]["saturation"] < floor["saturation"]
+
+
+def test_the_two_rulers_share_nothing_random_features_are_fixed_and_untrained(shapes_ruler):
+    net = shapes_ruler.nets["random"]
+    assert not any(p.requires_grad for p in net.parameters())
+    again = rp.RandomFeatures()
+    assert all(torch.equal(a, b) for a, b in zip(net.state_dict().values(), again.state_dict().values()))
+    assert set(shapes_ruler.nets) == {"classifier", "random"}
+
+
+def test_pixel_summary_measures_what_its_names_say():
+    grey = torch.zeros(2, 3, 8, 8)                                 # 0 in [-1, 1] = 0.5 in [0, 1]
+    stats, spectrum = rp.pixel_summary(grey)
+    assert stats[0].tolist() == pytest.approx([0.5, 0.25, 0.0, 0.0]) and spectrum.abs().max() < 1e-12
+    red = torch.full((1, 3, 8, 8), -1.0)
+    red[:, 0] = 1
+    assert rp.pixel_summary(red)[0][0, 2].item() == pytest.approx(1.0)   # fully saturated
+    checker = (torch.arange(8)[:, None] + torch.arange(8)[None]) % 2 * 2 - 1.0
+    _, spec = rp.pixel_summary(checker.expand(1, 3, 8, 8))
+    assert spec[0, -1] > 0 and spec[0, :-1].abs().max() < 1e-9       # all energy at the highest radius
+
+
+def test_inception_without_weights_is_one_clear_line_and_never_downloads(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
+
+    def no_download(url, *a, **k):
+        raise OSError(f"download of {url} refused by the test")
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    with pytest.raises(pd.UsageError, match="Inception-v3 weights are not in the torch hub cache"):
+        rp.InceptionFeatures()
+    tiny_train(tmp_path)
+    assert rp.main(["evaluate", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--features", "inception",
+                    "--n", "4", "--real-n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert "Inception-v3 weights" in err and err.count("\n") == 1
+
+
+def fake_pytorch_fid(monkeypatch, seen, fail=None):
+    """A stand-in for the optional package pytorch-fid: its InceptionV3 class, with random weights, recording
+    what it is given. It resizes to 299 and normalises to [-1, 1] itself, as the real one does when asked."""
+    import types
+
+    class InceptionV3(torch.nn.Module):
+        BLOCK_INDEX_BY_DIM = {2048: 3}
+
+        def __init__(self, blocks, resize_input=False, normalize_input=False):
+            super().__init__()
+            if fail:
+                raise fail
+            seen["flags"] = (blocks, resize_input, normalize_input)
+            torch.manual_seed(0)
+            self.conv = torch.nn.Conv2d(3, 64, 3, stride=8)       # 64 features keep the test fast
+
+        def forward(self, x):
+            seen.setdefault("inputs", []).append((x.min().item(), x.max().item(), tuple(x.shape[-2:])))
+            x = F.interpolate(x, size=(299, 299), mode="bilinear") * 2 - 1
+            return [F.adaptive_avg_pool2d(self.conv(x), 1)]
+
+    pkg, mod = types.ModuleType("pytorch_fid"), types.ModuleType("pytorch_fid.inception")
+    mod.InceptionV3, pkg.inception = InceptionV3, mod
+    monkeypatch.setitem(sys.modules, "pytorch_fid", pkg)
+    monkeypatch.setitem(sys.modules, "pytorch_fid.inception", mod)
+
+
+def test_fid_plumbing_uses_the_package_network_once_on_images_in_0_1_and_a_set_with_itself_scores_zero(tmp_path, monkeypatch):
+    seen = {}
+    fake_pytorch_fid(monkeypatch, seen)
+    monkeypatch.setattr(pd, "SHAPES_TRAIN", 300)                   # a small "training split" for the reference
+    ruler = rp.Ruler("fid", "shapes", str(tmp_path / "data"), 16, 0, 100, torch.device("cpu"), log=lambda s: None)
+    assert seen["flags"] == ([3], True, True)                  # the package resizes and normalises, once
+    assert all(lo >= 0 and hi <= 1 and size == (16, 16) for lo, hi, size in seen["inputs"])
+    assert any(f.startswith("fid_stats_shapes_16px") for f in os.listdir(tmp_path / "data"))   # cached beside the data
+    train_images, _, _, _ = pd.load_dataset("shapes", image_size=16, train=True)
+    res, _ = ruler.measure(pd.to_model_range(train_images), None, resamples=20)
+    assert abs(res["fd"]) < 1e-6 * ruler.real_stats["fid"][1].trace().item()   # the reference set against itself
+    assert ruler.protocol["fid"] == "pytorch-fid"
+
+
+@pytest.mark.parametrize("problem", ["no package", "no weights"])
+def test_fid_without_the_package_or_its_weights_is_one_clear_line_and_exit_code_2(problem, tmp_path, monkeypatch, capsys):
+    if problem == "no package":
+        monkeypatch.setitem(sys.modules, "pytorch_fid", None)      # import fails as if not installed
+    else:
+        fake_pytorch_fid(monkeypatch, {}, fail=OSError("download refused by the test"))
+    tiny_train(tmp_path)
+    assert rp.main(["evaluate", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--features", "fid", "--n", "4",
+                    "--real-n", "4"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and ("pip install pytorch-fid" in err if problem == "no package" else "FID Inception weights" in err)
+
+
+def test_estimate_projects_every_stage_without_training(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    res = rp.estimate("smoke", "cpu", log=lambda s: None)
+    assert len(res["parts"]) == 4 and res["total_seconds"] == pytest.approx(sum(res["parts"].values()))
+    assert all(sec > 0 for sec in res["parts"].values())
+    assert rp.main(["reproduce", "--preset", "smoke", "--estimate"]) == 0
+    out = capsys.readouterr().out
+    assert "stage 1" in out and "total" in out and os.listdir(tmp_path) == []      # nothing trained or written
+    assert pd.main(["train", "--estimate", "--steps", "1000", *TINY_FLAGS]) == 0
+    assert "min of training" in capsys.readouterr().out and os.listdir(tmp_path) == []
+
+
+@pytest.fixture(scope="module")
+def smoke_run(tmp_path_factory):
+    """One smoke reproduction with the ablations, shared by the tests below (each checks another property)."""
+    out = tmp_path_factory.mktemp("reproduce") / "a"
+    return out, rp.reproduce("smoke", str(out), device="cpu", ablations=True, log=lambda s: None)
+
+
+def test_reproduce_smoke_preset_writes_tables_pictures_unconditional_rows_and_verdicts(smoke_run):
+    out, res = smoke_run
+    assert [r["row"] for r in res["rows"]] == list(range(1, 11))
+    md = (out / "results.md").read_text()
+    assert all(f"| {i} |" in md for i in range(1, 9)) and "Protocol:" in md and "Convergence of stage 1" in md
+    assert "Rulers:" in md and "Pixel statistics" in md and "x0_hat" in md
+    data = json.loads((out / "results.json").read_text())
+    rows = {r["row"]: r for r in data["rows"]}
+    assert rows[2]["train_steps"] == rows[1]["train_steps"] + 1                      # the fair control
+    assert rows[3]["cfg_scale"] == data["guidance"][0] != 1
+    assert all(rows[k]["label"] == 10 and "cond_acc" not in rows[k] for k in (6, 7, 8))  # the null label
+    assert all({"fd_ci", "fd_random_ci", "kid_ci", "kid_random_ci"} <= r.keys() for r in data["rows"])
+    assert {(v["a"], v["b"]) for v in data["verdicts"]} >= {(4, 1), (4, 2), (2, 1), (8, 6), (8, 7)}
+    assert [x["t"] for x in data["x0_hat"]][-1] == 999 and len(data["x0_hat"]) >= 4
+    assert [s["cfg_scale"] for s in data["guidance_sweep"]] == [1.0, 2.0, 3.0] == [s["cfg_scale"] for s in data["sp_guidance_sweep"]]
+    assert [s["cfg_scale"] for s in data["autoguidance_sweep"]] == [2.0, 3.0] and rows[9]["guidance"] == "auto"
+    assert rows[10]["label"] == 10 and rows[9]["cfg_scale"] == rows[10]["cfg_scale"] == data["autoguidance"][0]
+    assert os.path.isfile(data["guide"]) and pd.load_checkpoint(data["guide"])["step"] == 1   # 1/8 of 2 steps, at least 1
+    assert set(data["prdc_ceiling"]) == set(rp.SWEEP_KEYS[2:]) and all("recall_random_ci" in r for r in data["rows"])
+    from PIL import Image
+    assert Image.open(out / "comparison.png").size[0] > 5 * 16 and Image.open(out / "x0_hat.png").size[1] > 4 * 16
+
+
+def test_reproduce_ablations_trains_each_variant_and_writes_its_table(smoke_run):
+    out, res = smoke_run
+    assert [a["ablation"]["model"] for a in res["ablations"]] == [f"sp-{k}" for k, _, _ in rp.ABLATIONS]
+    for key, _, variant in rp.ABLATIONS:
+        cfg = pd.load_checkpoint(str(out / f"sp-{key}" / "ckpt.pt"))["config"]
+        assert all(cfg[k] == v for k, v in variant.items())
+    md = (out / "ablations.md").read_text()
+    assert all(label in md for _, label, _ in rp.ABLATIONS) and "row 4" in md
+    assert len(json.loads((out / "ablations.json").read_text())) == len(rp.ABLATIONS)
+
+
+def test_reproduce_rerun_gives_the_same_table_and_reuses_finished_stages(smoke_run, tmp_path):
+    out, a = smoke_run
+    key = lambda res: [(r["fd"], r["fd_random"], r.get("cond_acc"), r["fd_ci"]) for r in res["rows"]]
+    b = rp.reproduce("smoke", str(tmp_path / "b"), device="cpu", log=lambda s: None)        # from scratch
+    assert key(a) == key(b) and a["guidance_sweep"] == b["guidance_sweep"]
+    logs = []
+    again = rp.reproduce("smoke", str(out), device="cpu", log=logs.append)                  # in the same folder
+    assert key(again) == key(a) and sum("reusing the finished run" in line for line in logs) == 3
+    with pytest.raises(pd.UsageError, match="another configuration"):
+        rp.reproduce("smoke", str(out), device="cpu", seed=1, log=lambda s: None)
+
+
+def test_reproduce_retrains_stage_2_when_stage_1_was_continued_in_place(smoke_run, tmp_path):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "c")
+    pd.train({"resume": str(tmp_path / "c" / "mse"), "steps": 3}, log=lambda s: None)   # the learning-curve workflow
+    logs = []
+    res = rp.reproduce("smoke", str(tmp_path / "c"), device="cpu", stage1_steps=3, log=logs.append)
+    assert sum("reusing the finished run" in line for line in logs) == 1              # stage 1 alone
+    assert sum("training" in line and "anew" in line for line in logs) == 2           # the stage 2 and the control
+    rows = {r["row"]: r for r in res["rows"]}
+    assert rows[1]["train_steps"] == 3 and rows[2]["train_steps"] == rows[4]["train_steps"] == 4
+
+
+def test_reproduce_reuses_stages_trained_on_another_device(smoke_run, tmp_path, monkeypatch):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "d")
+    for key in ("mse", "self-perceptual", "mse-continued"):
+        path = str(tmp_path / "d" / key / "ckpt.pt")
+        ckpt = pd.load_checkpoint(path)
+        ckpt["config"]["device"] = "cuda"                             # as if trained on a GPU
+        pd.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "kind"})
+    logs = []
+    rp.reproduce("smoke", str(tmp_path / "d"), device="cpu", log=logs.append)
+    assert sum("reusing the finished run" in line for line in logs) == 3
+
+
+def test_t_quantile_matches_published_tables():
+    assert rp.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
+    assert rp.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
+    assert rp.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+
+
+def test_pooled_interval_covers_the_true_difference_in_95_percent_of_simulated_experiments():
+    # Each experiment: K = 5 training seeds; a seed's paired difference = true + between-run effect (sd 0.3) +
+    # its own sampling noise (sd 0.1). A sampling-only interval would cover far less often.
+    g = np.random.default_rng(0)
+    true, covered, n = 0.2, 0, 400
+    for _ in range(n):
+        diffs = true + g.normal(0, 0.3, 5) + g.normal(0, 0.1, 5)
+        _, (lo, hi) = rp.pooled_interval(diffs)
+        covered += lo <= true <= hi
+    assert 0.92 <= covered / n <= 0.98                            # binomial sd at n = 400: 0.011
+
+
+def fake_result(diffs, verdicts):
+    """A results.json-like dict whose one verdict (4 - 2, Frechet distance) has the given difference and word."""
+    return {"verdicts": [{"a": 4, "b": 2, "what": "q", "fd": {"diff": diffs, "ci": [0, 0], "verdict": verdicts}}]}
+
+
+def test_no_verdict_is_called_when_seeds_disagree_in_sign_and_the_pooled_interval_holds_zero():
+    results = [fake_result(0.5, "row 2 better in this run"), fake_result(-0.6, "row 4 better in this run"),
+               fake_result(0.2, "not distinguishable in this run")]
+    v = rp.pooled_verdicts(results)[0]["fd"]
+    assert v["ci"][0] < 0 < v["ci"][1] and v["verdict"] == "not distinguishable over seeds"
+    assert v["diff"] == pytest.approx(0.1 / 3) and v["per_seed"] == [0.5, -0.6, 0.2]
+    agree = [fake_result(-d, "row 4 better in this run") for d in (1.0, 1.1, 0.9)]
+    v = rp.pooled_verdicts(agree)[0]["fd"]
+    assert v["verdict"] == "row 4 better" and v["held"] == 3 and v["seeds"] == 3
+    assert rp.pooled_verdicts(agree[:1])[0]["fd"]["verdict"].startswith("one training run")
+
+
+def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
+    real, calls = rp.reproduce, []
+
+    def failing_second_seed(preset, out, device, seed, *a, **kw):
+        calls.append(seed)
+        if seed == 1:
+            raise KeyboardInterrupt                                  # the run is stopped during seed 1
+        return real(preset, out, device, seed, *a, **kw)
+    monkeypatch.setattr(rp, "reproduce", failing_second_seed)
+    assert rp.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")]) == 130
+    monkeypatch.setattr(rp, "reproduce", real)
+    assert rp.main(["reproduce", "--preset", "smoke", "--seeds", "2", "--out", str(tmp_path / "s")]) == 0
+    out = capsys.readouterr().out
+    assert "seed0: reusing its finished results" in out and "== seed1 (" in out
+    pooled = json.loads((tmp_path / "s" / "pooled.json").read_text())
+    assert pooled["seeds"] == [0, 1] and all(v["fd"]["seeds"] == 2 for v in pooled["verdicts"])
+    md = (tmp_path / "s" / "pooled.md").read_text()
+    assert "of 2 |" in md and "95% interval over seeds" in md
+    assert (tmp_path / "s" / "seed1" / "results.md").is_file() and (tmp_path / "s" / "seed0" / "results.json").is_file()
+
+
+def test_stage2_seeds_share_the_first_seeds_stage_1_and_split_the_spread_by_source(tmp_path):
+    pooled = rp.reproduce_seeds("smoke", str(tmp_path / "v"), [0, 1], stage2_seeds=1, device="cpu", log=lambda s: None)
+    shared = json.loads((tmp_path / "v" / "seed0-stage2-1000" / "results.json").read_text())
+    assert shared["stage1"] == str(tmp_path / "v" / "seed0" / "mse" / "ckpt.pt")
+    assert not (tmp_path / "v" / "seed0-stage2-1000" / "mse").exists() and shared["train"]["seed"] == 1000
+    src = {r["row"]: r for r in pooled["sources"]}
+    assert {"sampling", "stage2", "stage1"} <= src[4]["fd"].keys() and src[1]["fd"]["sampling"] > 0
+
+
+def test_bad_seed_lists_are_one_line_and_exit_code_2(capsys, tmp_path):
+    for value in ("0", "1,1", "a", "-2"):
+        assert rp.main(["reproduce", "--seeds", value, "--out", str(tmp_path)]) == 2
+        assert capsys.readouterr().err.count("\n") == 1
+    assert rp.main(["reproduce", "--stage2-seeds", "2", "--out", str(tmp_path)]) == 2
+    assert "--stage2-seeds needs --seeds" in capsys.readouterr().err and os.listdir(tmp_path) == []
+
+
+# ------------------------------- cool-down and autoguidance -------------------------------------
+
+def gaussian(n, d=16, seed=0, shift=0.0):
+    return torch.randn(n, d, generator=torch.Generator().manual_seed(seed), dtype=torch.float64) + shift
+
+
+def test_knn_radius_excludes_the_point_itself():
+    x = torch.tensor([[0.0], [1.0], [3.0], [7.0]], dtype=torch.float64).repeat(1, 2)
+    assert rp.knn_radius(x, 1).tolist() == pytest.approx([2 ** 0.5, 2 ** 0.5, 2 * 2 ** 0.5, 4 * 2 ** 0.5])
+    big = gaussian(300)                                            # past cdist's 25-row switch to matrix multiply
+    assert (rp.knn_radius(big, 1) > 0).all()
+
+
+def test_two_samples_of_one_distribution_give_density_near_one_and_coverage_near_its_expectation():
+    N, k = 600, 5
+    ind = rp.prdc_indicators(gaussian(N, seed=1), gaussian(N, seed=2))
+    expected = 1 - math.prod((N - i) / (2 * N - i) for i in range(1, k + 1))       # 0.969
+    assert ind["density"].mean().item() == pytest.approx(1.0, abs=0.1)
+    assert ind["coverage"].mean().item() == pytest.approx(expected, abs=0.025)
+    assert 0.4 < ind["precision"].mean().item() < 0.85 and 0.4 < ind["recall"].mean().item() < 0.85
+
+
+def test_dropping_half_the_modes_lowers_recall_and_coverage_and_keeps_precision():
+    centres = 6 * torch.eye(16, dtype=torch.float64)[:8]                           # 8 well-separated modes
+    real = centres[torch.arange(800) % 8] + gaussian(800, seed=1)
+    full = centres[torch.arange(800) % 8] + gaussian(800, seed=2)
+    half = centres[torch.arange(800) % 4] + gaussian(800, seed=2)                  # modes 4-7 missing
+    a, b = (rp.prdc_indicators(real, f) for f in (full, half))
+    m = lambda ind, k: ind[k].mean().item()
+    assert m(b, "recall") < m(a, "recall") - 0.25 and m(b, "coverage") < m(a, "coverage") - 0.3
+    assert m(b, "precision") == pytest.approx(m(a, "precision"), abs=0.08)
+
+
+@pytest.mark.parametrize("degrade", ["blur", "noise"])
+def test_blur_or_noise_lowers_precision_and_density(degrade, shapes_ruler):
+    real, _, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    x = pd.to_model_range(real[600:1000])
+    bad = F.avg_pool2d(x, 5, 1, 2) if degrade == "blur" else (x + 0.3 * torch.randn_like(x)).clamp(-1, 1)
+    good, _ = shapes_ruler.measure(x, None, resamples=20)
+    worse, _ = shapes_ruler.measure(bad, None, resamples=20)
+    for sfx in ("", "_random"):
+        assert worse["precision" + sfx] < good["precision" + sfx] - 0.05
+        assert worse["density" + sfx] < good["density" + sfx] - 0.05
+
+
+def test_prdc_bootstrap_resamples_indicators_so_duplicated_points_do_not_collapse_it(shapes_ruler):
+    # Resampling the *points* with replacement puts a duplicate at distance 0 from its copy (every radius
+    # shrinks, recall and coverage move); resampling the per-point indicators leaves their mean where it was.
+    real, _, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    res, boot = shapes_ruler.measure(pd.to_model_range(real[600:1000]), None, resamples=200)
+    for key in ("precision", "recall", "density", "coverage"):
+        assert boot[key].mean().item() == pytest.approx(res[key], abs=0.01)
+        assert res[key + "_ci"][1] - res[key + "_ci"][0] > 0.01
+
+
+# ------------------------------------- your data, your GPU -------------------------------------
+
+def make_folder(path, classes=2, per_class=40, size=20):
+    """A small data set of class subfolders: each class a colour, each image a noisy square of it."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        (path / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = np.full((size, size, 3), 40, np.uint8)
+            img[4:16, 4:16] = [(200, 30, 30), (30, 30, 200), (30, 200, 30)][c]
+            img = np.clip(img + g.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(path / f"class{c}" / f"{i}.png")
+    return str(path)
+
+
+def test_reproduce_runs_the_whole_comparison_on_a_folder_of_class_subfolders(tmp_path, capsys):
+    folder = make_folder(tmp_path / "mydata")
+    argv = ["reproduce", "--preset", "smoke", "--data", folder, "--image-size", "16", "--channels", "8",
+            "--batch-size", "4", "--out", str(tmp_path / "r")]
+    assert rp.main(argv) == 0
+    res = json.loads((tmp_path / "r" / "results.json").read_text())
+    assert res["train"]["data"] == folder and res["train"]["batch_size"] == 4 and res["train"]["channels"] == 8
+    assert res["protocol"]["real_split"].startswith("held-out 10%") and res["protocol"]["real_images"] == 8
+    assert [r["row"] for r in res["rows"]] == list(range(1, 11)) and res["verdicts"]
+    assert (tmp_path / "r" / "comparison.png").is_file() and (tmp_path / "r" / "guidance_tradeoff.png").is_file()
+    assert pd.load_checkpoint(str(tmp_path / "r" / "mse" / "ckpt.pt"))["config"]["num_classes"] == 2
+    assert "(72 images; 10% of each class held out for the rulers, 2 classes)" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--data", "/no/such/folder"], "neither 'shapes', 'cifar10' nor an existing folder"),
+    (["--channels", "0"], "argument --channels: must be a positive integer"),
+    (["--lr", "-1"], "argument --lr: must be a positive number"),
+    (["--channel-mult", "1,x"], "argument --channel-mult"),
+    (["--betas", "square"], "argument --betas: invalid choice")])
+def test_reproduce_data_and_model_flags_refuse_bad_values_with_one_line_before_any_work(argv, message, tmp_path, capsys):
+    assert rp.main(["reproduce", "--preset", "smoke", "--out", str(tmp_path / "r"), *argv]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "r" / "mse").exists()
+
+
+def test_reproduce_estimate_takes_the_model_flags(capsys):
+    assert rp.main(["reproduce", "--preset", "smoke", "--estimate", "--channels", "16", "--image-size", "8"]) == 0
+    small = capsys.readouterr().out
+    assert rp.main(["reproduce", "--preset", "smoke", "--estimate", "--channels", "8", "--image-size", "8"]) == 0
+    param = lambda out: float(out.split("(")[1].split("M parameters")[0])
+    assert param(small) > param(capsys.readouterr().out)
+
+
+def test_gpu_check_runs_every_path_on_the_cpu_in_tiny_mode_and_writes_every_field(tmp_path, monkeypatch):
+    monkeypatch.setattr(torch, "compile", lambda model: model)   # compiling takes minutes on a CPU; the plumbing is tested
+    out = tmp_path / "gpu.json"
+    assert rp.gpu_check("cpu", tiny=True, out=str(out), log=lambda s: None) == {}
+    figures = json.loads(out.read_text())
+    assert {"device", "torch", "config", "fp32", "bf16", "compile_bf16", "peak_memory_gb", "ddp_torchrun_1_rank",
+            "reproduce_smoke", "cifar10_preset_training_hours", "failures"} <= figures.keys()
+    for part in ("fp32", "bf16", "compile_bf16"):
+        assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_step_ratio"] > 0
+    assert figures["ddp_torchrun_1_rank"]["backend"] == "gloo" and figures["cifar10_preset_training_hours"] > 0
+
+
+def test_gpu_check_reports_every_failing_path_and_exits_non_zero(tmp_path, monkeypatch):
+    def fail(*a, **kw):
+        raise RuntimeError("CUDA error: an illegal memory access")
+    for name in ("bench", "reproduce"):
+        monkeypatch.setattr(rp, name, fail)
+    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 1, "", "NCCL error\n"))
+    assert rp.main(["gpucheck", "--device", "cpu", "--tiny", "--out", str(tmp_path / "g.json")]) == 1
+    failures = json.loads((tmp_path / "g.json").read_text())["failures"]
+    assert set(failures) == {"fp32", "bf16", "compile_bf16", "ddp_torchrun_1_rank", "reproduce_smoke"}
+    assert failures["ddp_torchrun_1_rank"] == "RuntimeError: NCCL error" and "illegal memory" in failures["fp32"]
+
+
+# ------------------------------------------ bad inputs -----------------------------------------
+
+@pytest.mark.parametrize("command, flag, value", numeric_flags(rp))
+def test_every_out_of_range_numeric_flag_is_one_line_and_exit_code_2_before_any_work(command, flag, value, capsys,
+                                                                                       tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    needs = {"evaluate": ["--ckpt", "none.pt"]}.get(command, [])
+    refused_before_any_work(rp.main, [command, *needs, f"{flag}={value}"], tmp_path, capsys, flag)
+
+
+def test_the_parser_walk_covers_every_numeric_flag_of_every_subcommand():
+    covered = {(c, f) for c, f, _ in numeric_flags(rp)}
+    assert {("evaluate", "--n"), ("evaluate", "--real-n"), ("evaluate", "--cfg-interval"), ("reproduce", "--eval-n"),
+            ("reproduce", "--lr")} <= covered
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["evaluate", "--json", "no_such_folder/r.json"], "does not exist"),
+    (["evaluate", "--json", "r.txt"], "must end in .json"),
+    (["reproduce", "--out", "a_file/rep"], "cannot create this folder"),
+])
+def test_unwritable_outputs_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
+    unwritable_output_refused(rp, argv, message, tmp_path, monkeypatch, capsys)
