@@ -989,6 +989,7 @@ def train(cfg, log=print):
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **{v: cfg[k] for k, v in SP_ABLATION_KEYS.items()})
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"])
+    cfg["precision"] = resolve_precision(device, cfg["precision"])   # stored as run: "auto" means another thing elsewhere
     amp = autocast(device, cfg["precision"])
     if master:
         with open(os.path.join(out, "config.json"), "w") as f:
@@ -1307,53 +1308,22 @@ def load_for_sampling(args):
     return ckpt, model, guide
 
 
-MOVED = ("reproduce", "evaluate", "gpucheck")                    # commands of reproduce.py
-
-
-def main(argv=None):
-    """Run one command; a UsageError is one line on stderr and exit code 2."""
-    argv = sys.argv[1:] if argv is None else argv
+def run_command(parser, argv, dispatch, needed):
+    """Parse argv and run dispatch(args) -> exit code (None: 0), each problem one line on stderr: a bad flag or
+    UsageError exit code 2 (before any work; under torchrun every rank stops alike), finished work whose end
+    failed (a write, a non-finite loss) 1, a stop (Ctrl-C, a signal) 130 with the last checkpoint kept."""
     sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
-    if argv and argv[0] in MOVED:                                  # the comparison's commands are in reproduce.py
-        print(f"error: {argv[0]} is a command of reproduce.py now: python reproduce.py {' '.join(argv)}", file=sys.stderr)
-        return 2
-    parser = build_parser()
     try:
         args = parser.parse_args(argv)
         if args.command is None:
-            parser.error("a command is needed: train, sample or bench (the paper's comparison: python reproduce.py)")
+            parser.error(f"a command is needed: {needed}")
     except SystemExit as e:                                        # a bad flag (one line already printed), or --help
         return e.code
     try:
-        if args.command == "train":
-            cfg = vars(args).copy()
-            cfg.pop("command")
-            if cfg.pop("estimate"):
-                check_config(cfg)
-                t = step_times(cfg, iters=3, sample_steps=1)
-                print(f"estimate: {cfg['steps']} {cfg['loss']} steps at {t[cfg['loss']]:.3f} s each (measured over 3 "
-                      f"steps on {cfg['device']}): {cfg['steps'] * t[cfg['loss']] / 60:.1f} min of training")
-                return 0
-            train(cfg)
-            if dist.is_initialized():
-                dist.barrier()                                     # no rank tears down while another still talks
-                dist.destroy_process_group()
-        elif args.command == "sample":
-            for flag, path, exts in (("--out", args.out, image_extensions()), ("--npz", args.npz, [".npz"])):
-                if path:
-                    writable_file(path, flag, exts)                # before the model is loaded or sampled
-            ckpt, model, guide = load_for_sampling(args)
-            x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale,
-                            args.eta, args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval,
-                            guide)
-            save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
-            print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
-        elif args.command == "bench":
-            cfg = vars(args).copy()
-            bench(cfg, cfg.pop("iters"))
+        return dispatch(args) or 0
     except UsageError as e:
         print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():                                  # under torchrun every rank stops here alike
+        if dist.is_initialized():
             dist.destroy_process_group()
         return 2
     except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
@@ -1362,7 +1332,54 @@ def main(argv=None):
     except KeyboardInterrupt:                                      # Ctrl-C, or a signal that stopped a stage
         print("stopped: the last checkpoint is kept; rerun the same command to continue", file=sys.stderr)
         return 130
-    return 0
+
+
+def run_train(args):
+    """`train`: one run (under torchrun, this rank's share), or with --estimate its projected time only."""
+    cfg = vars(args).copy()
+    cfg.pop("command")
+    if cfg.pop("estimate"):
+        check_config(cfg)
+        t = step_times(cfg, iters=3, sample_steps=1)
+        print(f"estimate: {cfg['steps']} {cfg['loss']} steps at {t[cfg['loss']]:.3f} s each (measured over 3 "
+              f"steps on {cfg['device']}): {cfg['steps'] * t[cfg['loss']] / 60:.1f} min of training")
+        return
+    train(cfg)
+    if dist.is_initialized():
+        dist.barrier()                                             # no rank tears down while another still talks
+        dist.destroy_process_group()
+
+
+def run_sample(args):
+    """`sample`: a grid and/or an .npz from a checkpoint's EMA weights, the outputs checked before any work."""
+    for flag, path, exts in (("--out", args.out, image_extensions()), ("--npz", args.npz, [".npz"])):
+        if path:
+            writable_file(path, flag, exts)
+    ckpt, model, guide = load_for_sampling(args)
+    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale, args.eta,
+                    args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval, guide)
+    save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
+    print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
+
+
+def run_bench(args):
+    """`bench`: parameters and images/s for the model flags."""
+    cfg = vars(args).copy()
+    bench(cfg, cfg.pop("iters"))
+
+
+MOVED = ("reproduce", "evaluate", "gpucheck")                    # commands of reproduce.py
+
+
+def main(argv=None):
+    """Run one command of this file; the comparison's commands name reproduce.py."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] in MOVED:
+        print(f"error: {argv[0]} is a command of reproduce.py now: python reproduce.py {' '.join(argv)}", file=sys.stderr)
+        return 2
+    commands = {"train": run_train, "sample": run_sample, "bench": run_bench}
+    return run_command(build_parser(), argv, lambda args: commands[args.command](args),
+                       "train, sample or bench (the paper's comparison: python reproduce.py)")
 
 
 if __name__ == "__main__":

@@ -24,7 +24,6 @@ import time
 
 import numpy as np
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -32,9 +31,9 @@ import perceptual_diffusion
 from perceptual_diffusion import (
     ANY_INT, DEVICE, FOLDER_HELDOUT, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UsageError,
     add_sampling_args, add_train_args, autocast, bench, check_config, distributed, generate, load_checkpoint,
-    load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, norm, origin_of, ranged,
-    resolve_precision, schedule_from, step_times, to_model_range, to_uint8, train, weights_hash, writable_dir,
-    writable_file)
+    load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, norm, ranged,
+    resolve_precision, schedule_from, step_times, to_model_range, to_uint8, run_command, train, weights_hash,
+    writable_dir, writable_file)
 
 # =================================================================================================
 #     7. Evaluation: two rulers, pixel statistics, bootstrap intervals (Frechet distance, accuracy, FID)
@@ -565,25 +564,24 @@ VERDICT_METRICS = [("fd", "Frechet distance, 1st ruler", -1), ("fd_random", "Fre
 BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out", "device", "compile"}  # not the result
 
 
-def run_stage(cfg, log):
+def run_stage(cfg, log, origin=None):
     """train(cfg), except that a finished run of the same configuration in cfg["out"] is reused and an
     interrupted one is resumed: rerunning reproduce, or adding --ablations, never retrains a finished stage.
     A stage 2 is reused or resumed only if it started from the very weights of its --init checkpoint (their step
     and hash), else it is trained anew: a stage 1 continued in place makes every stage 2 on it stale. A folder
-    holding a run of another configuration is refused rather than overwritten."""
+    holding a run of another configuration is refused rather than overwritten. origin: that of the --init
+    weights (origin_of), from the stage-1 model the caller holds, so the checkpoint is not opened again."""
     cfg = {**TRAIN_DEFAULTS, **cfg}
     path = os.path.join(cfg["out"], "ckpt.pt")
     if os.path.isfile(path):
         ckpt = load_checkpoint(path)
-        saved = {**TRAIN_DEFAULTS, **ckpt["config"],                  # older runs lack newer keys
-                 "precision": resolve_precision(cfg["device"], ckpt["config"].get("precision"))}
-        cfg["precision"] = resolve_precision(cfg["device"], cfg["precision"])  # "auto" (train --resume's default) = what it ran as
+        saved = {**TRAIN_DEFAULTS, **ckpt["config"]}                   # older runs lack newer keys
+        cfg["precision"] = resolve_precision(cfg["device"], cfg["precision"])  # train stores what "auto" ran as
         # (the --init path is not compared: the origin below, the weights' step and hash, is what identifies it)
         other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps", "init"} and saved.get(k) != v)
         if other or ckpt["step"] > cfg["steps"]:
             raise UsageError(f"{cfg['out']} holds a run of another configuration ({', '.join(other) or 'more steps'}"
                              f" differ): use another --out, or remove that folder")
-        origin = origin_of(load_checkpoint(cfg["init"])) if cfg["init"] else None
         if origin != ckpt.get("origin"):
             was = ckpt.get("origin") or {"init_steps": "?", "init_hash": "not recorded"}
             log(f"training {cfg['out']} anew: it started from stage-1 weights at step {was['init_steps']} (hash "
@@ -718,13 +716,14 @@ def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, re
     return numbers
 
 
-def preset_settings(preset, overrides):
-    """The preset's settings with the given (non-None) overrides, `train` ones merged into the preset's training
-    flags, checked before any work."""
+def preset_settings(preset, overrides, **run):
+    """The preset's settings with the given (non-None) overrides, `train` ones and the run's own (seed, device)
+    merged into the preset's training flags: checked here, once, before any work."""
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k != "train"}}
-    p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v not in (None, False)}}
+    p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v not in (None, False)},
+                  **run}
     check_config({**TRAIN_DEFAULTS, **p["train"]})
     return p
 
@@ -740,9 +739,8 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     `out`. Every verdict here rests on one training run of each stage: see reproduce_seeds for the method."""
     if distributed()[1] > 1:
         raise UsageError("reproduce runs in one process; under torchrun, run the `train` stages instead")
-    p = preset_settings(preset, overrides)
-    base = {**p["train"], "seed": seed, "device": device or TRAIN_DEFAULTS["device"]}
-    check_config({**TRAIN_DEFAULTS, **base})
+    p = preset_settings(preset, overrides, seed=seed, device=device or TRAIN_DEFAULTS["device"])
+    base = p["train"]
     writable_dir(out, "--out")
     t_start = time.time()
     stage1_dir = os.path.join(stage1_out or out, "mse")
@@ -753,12 +751,14 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
               ("self-perceptual", dict(loss="self-perceptual", **s2)), ("mse-continued", dict(loss="mse", **s2))]
     if ablations:
         stages += [(f"sp-{key}", dict(loss="self-perceptual", **s2, **variant)) for key, _, variant in ABLATIONS]
-    models, stats = {}, {}
+    models, stats, origin = {}, {}, None
     for i, (key, stage) in enumerate(stages):
         log(f"== stage {i + 1}/{len(stages)}: {key} ({stage['steps']} steps) ==")
         models[key], stats[key] = run_stage({**base, **stage, "out": stage1_dir if key == "mse" else os.path.join(out, key)},
-                                            log=lambda s, k=key: log(f"[{k}] {s}"))
+                                            log=lambda s, k=key: log(f"[{k}] {s}"), origin=origin)
         models[key].eval()
+        if key == "mse":                                           # what every stage 2 starts from
+            origin = {"init_steps": stats[key]["total_steps"], "init_hash": weights_hash(models[key].state_dict())}
     cfg = stats["mse"]["config"]
     if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):
         # A stage 1 from before guides were saved: retrain its first steps (same seed and data order, no cool-down
@@ -1169,10 +1169,10 @@ def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides)
     and of sampling on `device` (random data of the preset's shape: nothing is downloaded or trained), for `runs`
     full-pipeline seeds and `stage2_runs` runs on a shared stage 1. Not included: building the ruler (classifier
     training or Inception features) and writing pictures."""
-    p = preset_settings(preset, overrides)
     device = device or TRAIN_DEFAULTS["device"]
+    p = preset_settings(preset, overrides, device=device)
     sample_batch = max_forward_batch(device) or 256
-    t = step_times({**p["train"], "device": device}, iters=3, sample_steps=4)
+    t = step_times(p["train"], iters=3, sample_steps=4)
     t_fwd = t["unguided"] / (4 * p["train"]["batch_size"])          # seconds per image per unguided step
     t_gfwd = t["guided"] / (4 * p["train"]["batch_size"])
     k = 10                                                          # classes of shapes and CIFAR-10
@@ -1321,64 +1321,55 @@ def build_parser():
     return parser
 
 
+def run_evaluate(args):
+    """`evaluate`: one checkpoint's samples measured with both rulers (outputs checked before any work)."""
+    if args.json:
+        writable_file(args.json, "--json", [".json"])
+    ckpt, model, guide = load_for_sampling(args)
+    c = ckpt["config"]
+    ruler = Ruler(args.features, c["data"], c["data_dir"], c["image_size"], c["data_seed"], args.real_n,
+                  torch.device(args.device), classifier_steps=args.classifier_steps)
+    res, _ = evaluate_model(model, schedule_from(c), ruler, args.n, args.steps, args.cfg, args.cfg_rescale, args.eta,
+                            args.spacing, args.seed, args.batch, args.precision, args.label, args.resamples,
+                            args.cfg_interval, guide)
+    res["checkpoint"], res["train_steps"] = args.ckpt, ckpt.get("total_steps", ckpt["step"])
+    print(json.dumps(res))
+    if args.json:
+        try:
+            with open(args.json, "w") as f:
+                json.dump(res, f, indent=1)
+        except OSError as e:
+            raise OSError(f"could not write --json {args.json!r} ({e.strerror or e}); the result is the JSON line "
+                          f"printed above")
+
+
+def run_reproduce(args):
+    """`reproduce`: the comparison once, over seeds, or its projected cost (--estimate)."""
+    overrides = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
+                     cooldown=args.cooldown, train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
+    if args.stage2_seeds and not args.seeds:
+        raise UsageError("--stage2-seeds needs --seeds")
+    if args.estimate:
+        estimate(args.preset, args.device, runs=len(args.seeds or [0]), stage2_runs=args.stage2_seeds, **overrides)
+    elif args.seeds:
+        reproduce_seeds(args.preset, args.out, args.seeds, args.stage2_seeds, args.device, ablations=args.ablations,
+                        **overrides)
+    else:
+        reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations, **overrides)
+
+
+def run_gpucheck(args):
+    """`gpucheck`: exit code 1 if any path failed."""
+    writable_file(args.out, "--out", [".json"])
+    return 1 if gpu_check(args.device, args.tiny, args.out) else 0
+
+
 def main(argv=None):
-    """Run one command; a UsageError is one line on stderr and exit code 2."""
+    """Run one command (none: reproduce with the default preset); each problem is one line (run_command)."""
     argv = sys.argv[1:] if argv is None else argv
-    sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
-    parser = build_parser()
-    try:
-        args = parser.parse_args(argv or ["reproduce"])
-        if args.command is None:
-            parser.error("a command is needed: reproduce, evaluate or gpucheck")
-    except SystemExit as e:                                        # a bad flag (one line already printed), or --help
-        return e.code
-    try:
-        if args.command == "evaluate":
-            if args.json:
-                writable_file(args.json, "--json", [".json"])
-            ckpt, model, guide = load_for_sampling(args)
-            c = ckpt["config"]
-            ruler = Ruler(args.features, c["data"], c["data_dir"], c["image_size"], c["data_seed"], args.real_n,
-                          torch.device(args.device), classifier_steps=args.classifier_steps)
-            res, _ = evaluate_model(model, schedule_from(c), ruler, args.n, args.steps, args.cfg, args.cfg_rescale,
-                                    args.eta, args.spacing, args.seed, args.batch, args.precision, args.label,
-                                    args.resamples, args.cfg_interval, guide)
-            res["checkpoint"], res["train_steps"] = args.ckpt, ckpt.get("total_steps", ckpt["step"])
-            print(json.dumps(res))
-            if args.json:
-                try:
-                    with open(args.json, "w") as f:
-                        json.dump(res, f, indent=1)
-                except OSError as e:
-                    raise OSError(f"could not write --json {args.json!r} ({e.strerror or e}); the result is the "
-                                  f"JSON line printed above")
-        elif args.command == "reproduce":
-            overrides = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
-                             cooldown=args.cooldown, train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
-            if args.stage2_seeds and not args.seeds:
-                raise UsageError("--stage2-seeds needs --seeds")
-            if args.estimate:
-                estimate(args.preset, args.device, runs=len(args.seeds or [0]), stage2_runs=args.stage2_seeds, **overrides)
-            elif args.seeds:
-                reproduce_seeds(args.preset, args.out, args.seeds, args.stage2_seeds, args.device,
-                                ablations=args.ablations, **overrides)
-            else:
-                reproduce(args.preset, args.out, args.device, args.seed, ablations=args.ablations, **overrides)
-        elif args.command == "gpucheck":
-            writable_file(args.out, "--out", [".json"])
-            return 1 if gpu_check(args.device, args.tiny, args.out) else 0
-    except UsageError as e:
-        print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():                                  # under torchrun every rank stops here alike
-            dist.destroy_process_group()
-        return 2
-    except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:                                      # Ctrl-C, or a signal that stopped a stage
-        print("stopped: the last checkpoint is kept; rerun the same command to continue", file=sys.stderr)
-        return 130
-    return 0
+    commands = {"evaluate": run_evaluate, "reproduce": run_reproduce, "gpucheck": run_gpucheck}
+    return run_command(build_parser(), argv or ["reproduce"], lambda args: commands[args.command](args),
+                       "reproduce, evaluate or gpucheck")
 
 
 if __name__ == "__main__":
