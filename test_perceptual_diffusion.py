@@ -808,20 +808,34 @@ def test_resume_refuses_to_change_the_model(tmp_path, capsys):
 
 # ------------------------------------------ command line ---------------------------------------
 
-def test_cli_train_then_sample_writes_checkpoint_grid_and_npz(tmp_path):
-    run = tmp_path / "run"
-    r = run_cli("train", *TINY_FLAGS, "--steps", "4", "--log-every", "2", "--sample-every", "4", "--out", str(run))
+def test_the_file_copied_alone_into_an_empty_folder_trains_and_samples_a_grid_and_npz(tmp_path):
+    """The reference needs no other file of the project: copied alone, train and sample run from its folder."""
+    import shutil
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    shutil.copy(os.path.join(HERE, "perceptual_diffusion.py"), alone)
+    cli = lambda *args: subprocess.run([sys.executable, "perceptual_diffusion.py", *args], capture_output=True, text=True,
+                                       timeout=300, cwd=alone, env={**os.environ, "PYTHONPATH": ""})
+    r = cli("train", *TINY_FLAGS, "--steps", "2", "--log-every", "2", "--sample-every", "2", "--out", "run")
     assert r.returncode == 0, r.stderr
-    assert "step 4/4 | loss" in r.stdout and "img/s" in r.stdout and "lr" in r.stdout
-    assert (run / "ckpt.pt").exists() and (run / "samples_0000004.png").exists()
-    r = run_cli("sample", "--ckpt", str(run / "ckpt.pt"), "--n", "12", "--steps", "3", "--cfg", "2",
-                "--cfg-rescale", "0.7", "--out", str(tmp_path / "grid.png"), "--npz", str(tmp_path / "s.npz"))
+    assert "step 2/2 | loss" in r.stdout and "img/s" in r.stdout and "lr" in r.stdout
+    assert (alone / "run" / "ckpt.pt").exists() and (alone / "run" / "samples_0000002.png").exists()
+    r = cli("sample", "--ckpt", "run/ckpt.pt", "--n", "12", "--steps", "3", "--cfg", "2", "--cfg-rescale", "0.7",
+            "--out", "grid.png", "--npz", "s.npz")
     assert r.returncode == 0, r.stderr
     from PIL import Image
-    assert Image.open(tmp_path / "grid.png").size[0] > 16
-    npz = np.load(tmp_path / "s.npz")
+    assert Image.open(alone / "grid.png").size[0] > 16
+    npz = np.load(alone / "s.npz")
     assert npz["arr_0"].shape == (12, 16, 16, 3) and npz["arr_0"].dtype == np.uint8
     assert npz["labels"].tolist() == [i % 10 for i in range(12)]
+    assert sorted(os.listdir(alone)) == ["grid.png", "perceptual_diffusion.py", "run", "s.npz"]
+
+
+@pytest.mark.parametrize("command", ["reproduce", "evaluate", "gpucheck"])
+def test_the_comparisons_commands_name_reproduce_py_in_one_line_and_exit_2(command, capsys):
+    assert pd.main([command, "--preset", "smoke"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"python reproduce.py {command} --preset smoke" in err
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
