@@ -1223,13 +1223,14 @@ def add_train_args(p, names=None, override=False):
             continue
         flag = "--" + name.replace("_", "-")
         help = help if "default" in help else f"{help} (default: {'the preset' if override else default})"
+        metavar = type(default).__name__.upper()                   # INT, FLOAT, STR, also when the default is None
         default = None if override and not isinstance(default, bool) else default
         if isinstance(default, bool):
             p.add_argument(flag, action="store_true", help=help)
         elif isinstance(check, tuple):
             p.add_argument(flag, default=default, choices=check, help=help)
         else:
-            p.add_argument(flag, type=check or str, default=default, metavar=type(default).__name__.upper(), help=help)
+            p.add_argument(flag, type=check or str, default=default, metavar=metavar, help=help)
 
 
 def interval_arg(text):

@@ -722,7 +722,7 @@ def preset_settings(preset, overrides, **run):
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k != "train"}}
-    p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v not in (None, False)},
+    p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v is not None and v is not False},
                   **run}
     check_config({**TRAIN_DEFAULTS, **p["train"]})
     return p
@@ -1281,7 +1281,7 @@ def build_parser():
     parser = Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    p = sub.add_parser("evaluate", help="Frechet distances, conditional accuracy (or IS) and pixel statistics of a checkpoint's samples, with 95% intervals")
+    p = sub.add_parser("evaluate", help="Frechet distances, conditional accuracy (or IS) and pixel statistics of a checkpoint's samples, with 95%% intervals")
     add_sampling_args(p)
     p.add_argument("--n", type=at_least(2), default=1000, help="number of samples (default: 1000)")
     p.add_argument("--label", type=NONNEG_INT, default=None, help="as for sample (num_classes: unconditional)")

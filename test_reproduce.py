@@ -627,3 +627,24 @@ def test_the_parser_walk_covers_every_numeric_flag_of_every_subcommand():
 ])
 def test_unwritable_outputs_are_refused_before_any_work(argv, message, tmp_path, monkeypatch, capsys):
     unwritable_output_refused(rp, argv, message, tmp_path, monkeypatch, capsys)
+
+
+# ------------------------------- review defects (issue 23) -------------------------------------
+
+@pytest.mark.parametrize("module", [pd, rp], ids=["perceptual_diffusion", "reproduce"])
+def test_help_of_the_program_and_of_every_subcommand_prints_usage_and_exits_0(module, capsys):
+    sub = next(a for a in module.build_parser()._actions if a.dest == "command")
+    for argv in [["--help"], ["-h"]] + [[name, "--help"] for name in sub.choices]:
+        assert module.main(argv) == 0, argv                        # a % in a help text once raised TypeError here
+        assert capsys.readouterr().out.startswith("usage:"), argv
+
+
+def test_reproduce_help_names_every_flags_type_not_nonetype():
+    text = rp.build_parser()._subparsers._group_actions[0].choices["reproduce"].format_help()
+    assert "NONETYPE" not in text.upper() and "--dropout FLOAT" in text and "--warmup INT" in text
+
+
+def test_a_reproduce_override_of_zero_is_applied_not_dropped():
+    p = rp.preset_settings("cifar10", {"train": {"dropout": 0.0, "warmup": 0, "no_flip": False, "lr": None}})
+    assert p["train"]["dropout"] == 0.0 and p["train"]["warmup"] == 0
+    assert p["train"]["lr"] == rp.PRESETS["cifar10"]["train"]["lr"]          # None: the preset's value stands
