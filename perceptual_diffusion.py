@@ -532,8 +532,12 @@ def load_dataset(name, data_dir="data", image_size=32, train=True, seed=0):
     y = torch.tensor(ds.targets)
     if len(ds.classes) < 2:
         raise UsageError(f"--data {name!r} has {len(ds.classes)} class folder(s); the comparison needs at least 2")
-    keep = heldout_split(y, seed) != train
-    return x[keep], y[keep], list(ds.classes), True
+    held = heldout_split(y, seed)
+    if train:
+        return x[~held], y[~held], list(ds.classes), True
+    keep = held.nonzero().flatten()
+    keep = keep[stratified_order(y[keep], seed)]               # ImageFolder lists class by class: the rulers take
+    return x[keep], y[keep], list(ds.classes), True            # prefixes, and each prefix must hold every class
 
 
 def check_data(name):
@@ -554,6 +558,16 @@ def heldout_split(y, seed):
         k = max(1, round(FOLDER_HELDOUT * len(idx))) if len(idx) > 1 else 0
         held[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
     return held
+
+
+def stratified_order(y, seed):
+    """A seeded order of labels y in which every prefix holds each class in proportion (to within one image):
+    each class shuffled, its i-th of n_c images placed at (i + 1/2) / n_c of the way.  # (N,) -> (N,) indices"""
+    g, key = torch.Generator().manual_seed(seed), torch.empty(len(y), dtype=torch.float64)
+    for c in y.unique():
+        idx = (y == c).nonzero().flatten()
+        key[idx[torch.randperm(len(idx), generator=g)]] = (torch.arange(len(idx), dtype=torch.float64) + 0.5) / len(idx)
+    return torch.sort(key, stable=True).indices
 
 
 def to_model_range(x_uint8):

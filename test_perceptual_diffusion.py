@@ -1006,3 +1006,31 @@ def test_sample_with_a_guide_checkpoint_is_autoguidance_and_refuses_another_mode
     tiny_train(tmp_path, "wide", steps=1, channels=16)
     argv[argv.index("--guide") + 1] = str(tmp_path / "wide" / "ckpt.pt")
     assert pd.main(argv) == 2 and "channels" in capsys.readouterr().err
+
+
+def make_folder(path, classes=2, per_class=40, size=20):
+    """A small data set of class subfolders: each class a colour, each image a noisy square of it."""
+    from PIL import Image
+    g = np.random.default_rng(0)
+    for c in range(classes):
+        (path / f"class{c}").mkdir(parents=True)
+        for i in range(per_class):
+            img = np.full((size, size, 3), 40, np.uint8)
+            img[4:16, 4:16] = [(200, 30, 30), (30, 30, 200), (30, 200, 30)][c]
+            img = np.clip(img + g.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(path / f"class{c}" / f"{i}.png")
+    return str(path)
+
+
+def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(tmp_path):
+    y = torch.tensor([0] * 500 + [1] * 300 + [2] * 200)             # ImageFolder's order: class by class
+    order = pd.stratified_order(y, seed=3)
+    assert sorted(order.tolist()) == list(range(1000))             # a permutation
+    share = torch.tensor([0.5, 0.3, 0.2])
+    for k in range(10, 1001, 7):
+        counts = torch.bincount(y[order[:k]], minlength=3)
+        assert (counts - k * share).abs().max() <= 1.0, k
+    assert not torch.equal(order, pd.stratified_order(y, seed=4))  # seeded
+    folder = make_folder(tmp_path / "f", classes=3, per_class=30)  # through load_dataset, as the rulers read it
+    _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)
+    assert sorted(held_y[:3].tolist()) == [0, 1, 2]

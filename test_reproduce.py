@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 import perceptual_diffusion as pd
 import reproduce as rp
-from test_perceptual_diffusion import (TINY_FLAGS, numeric_flags, refused_before_any_work, tiny_train,
+from test_perceptual_diffusion import (TINY_FLAGS, make_folder, numeric_flags, refused_before_any_work, tiny_train,
                                        unwritable_output_refused)
 
 def frechet(mu1, cov1, mu2, cov2):
@@ -520,31 +520,7 @@ def test_blur_or_noise_lowers_precision_and_density(degrade, shapes_ruler):
         assert worse["density" + sfx] < good["density" + sfx] - 0.05
 
 
-def test_prdc_bootstrap_resamples_indicators_so_duplicated_points_do_not_collapse_it(shapes_ruler):
-    # Resampling the *points* with replacement puts a duplicate at distance 0 from its copy (every radius
-    # shrinks, recall and coverage move); resampling the per-point indicators leaves their mean where it was.
-    real, _, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
-    res, boot = shapes_ruler.measure(pd.to_model_range(real[600:1000]), None, resamples=200)
-    for key in ("precision", "recall", "density", "coverage"):
-        assert boot[key].mean().item() == pytest.approx(res[key], abs=0.01)
-        assert res[key + "_ci"][1] - res[key + "_ci"][0] > 0.01
-
-
 # ------------------------------------- your data, your GPU -------------------------------------
-
-def make_folder(path, classes=2, per_class=40, size=20):
-    """A small data set of class subfolders: each class a colour, each image a noisy square of it."""
-    from PIL import Image
-    g = np.random.default_rng(0)
-    for c in range(classes):
-        (path / f"class{c}").mkdir(parents=True)
-        for i in range(per_class):
-            img = np.full((size, size, 3), 40, np.uint8)
-            img[4:16, 4:16] = [(200, 30, 30), (30, 30, 200), (30, 200, 30)][c]
-            img = np.clip(img + g.normal(0, 10, img.shape), 0, 255).astype(np.uint8)
-            Image.fromarray(img).save(path / f"class{c}" / f"{i}.png")
-    return str(path)
-
 
 def test_reproduce_runs_the_whole_comparison_on_a_folder_of_class_subfolders(tmp_path, capsys):
     folder = make_folder(tmp_path / "mydata")
@@ -648,3 +624,37 @@ def test_a_reproduce_override_of_zero_is_applied_not_dropped():
     p = rp.preset_settings("cifar10", {"train": {"dropout": 0.0, "warmup": 0, "no_flip": False, "lr": None}})
     assert p["train"]["dropout"] == 0.0 and p["train"]["warmup"] == 0
     assert p["train"]["lr"] == rp.PRESETS["cifar10"]["train"]["lr"]          # None: the preset's value stands
+
+
+def test_paired_verdicts_on_two_samples_of_one_distribution_are_called_about_5_percent_of_the_time_for_each_prdc():
+    """The null experiment of the review: two generated sets from the distribution of the real set; each per-run
+    verdict should be called in about 5% of experiments (weighting the real-side indicators by generated-point
+    weights called recall in 25% and coverage in 18%)."""
+    n, pairs = 100, 100
+    g = torch.Generator().manual_seed(0)
+    draw = lambda: torch.randn(n, 8, generator=g, dtype=torch.float64)
+    real, w = draw(), rp.bootstrap_weights(n, 100, 0).double()
+    called = {k: 0 for k in rp.PRDC}
+    for _ in range(pairs):
+        m = {row: rp.resampled_prdc(real, draw(), w) for row in (1, 2)}
+        v = rp.verdict(1, 2, "null", {r: {k: float(m[r][k][0]) for k in rp.PRDC} for r in m},
+                       {r: {k: m[r][k][1:] for k in rp.PRDC} for r in m})
+        for k in rp.PRDC:
+            called[k] += "better" in v[k]["verdict"]
+    rates = {k: c / pairs for k, c in called.items()}
+    assert all(r <= 0.12 for r in rates.values()), rates           # 5% nominal; binomial sd 2.2% at 100 pairs
+    assert 0.02 <= sum(rates.values()) / 4 <= 0.09, rates
+
+
+def test_resampled_prdc_row_zero_is_the_estimate_and_a_resample_measures_only_its_distinct_points():
+    g = torch.Generator().manual_seed(1)
+    real, fake = (torch.randn(60, 4, generator=g, dtype=torch.float64) for _ in range(2))
+    ind = rp.prdc_indicators(real, fake)
+    w = torch.ones(2, 60, dtype=torch.float64)
+    w[1, 30:], w[1, :30] = 0, 2                                     # a resample: the first half, each drawn twice
+    m = rp.resampled_prdc(real, fake, w)
+    for k in rp.PRDC:
+        assert float(m[k][0]) == pytest.approx(float(ind[k].mean()))
+    half = rp.prdc_indicators(real, fake[:30])                      # recall/coverage of the 30 distinct points
+    for k in ("recall", "coverage", "precision", "density"):
+        assert float(m[k][1]) == pytest.approx(float(half[k].mean())), k
