@@ -892,16 +892,13 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
     """The comparison as a claim about the method: the whole pipeline once per training seed, each in out/seedS
     (a finished seed is reused, an interrupted one resumed), then verdicts pooled over the seeds (pooled_verdicts).
     stage2_seeds = J > 0 adds J runs that share seed 0's stage 1 (out/seed0) with their own stage-2, control and
-    sampling seeds 1000 + j, so that the spread between seeds splits into its sources (variance_sources).
+    sampling seeds (1000 + j, or above the largest training seed), so that the spread between seeds splits into its sources (variance_sources).
     Writes pooled.md and pooled.json under `out`."""
     writable_dir(out, "--out")
-    runs = [(f"seed{s}", s, None, None) for s in seeds]
-    runs += [(f"seed{seeds[0]}-stage2-{1000 + j}", 1000 + j, os.path.join(out, f"seed{seeds[0]}"), seeds[0])
-             for j in range(stage2_seeds)]
-    results = {}
+    runs, results = seed_runs(out, seeds, stage2_seeds), {}
     for name, seed, stage1_out, stage1_seed in runs:
         sub = os.path.join(out, name)
-        prior = finished_result(sub, preset, seed, overrides)
+        prior = finished_result(sub, preset, seed, overrides, ablations)
         if prior:
             log(f"== {name}: reusing its finished results ==")
             results[name] = prior
@@ -920,9 +917,19 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
     return pooled
 
 
-def finished_result(sub, preset, seed, overrides):
+def seed_runs(out, seeds, stage2_seeds):
+    """(folder name, seed, stage-1 folder, stage-1 seed) of each run of reproduce_seeds: one full pipeline per
+    training seed, then J runs on the first seed's stage 1 whose seeds never repeat a training seed."""
+    first = max([999, *seeds]) + 1
+    return [(f"seed{s}", s, None, None) for s in seeds] + [
+        (f"seed{seeds[0]}-stage2-{first + j}", first + j, os.path.join(out, f"seed{seeds[0]}"), seeds[0])
+        for j in range(stage2_seeds)]
+
+
+def finished_result(sub, preset, seed, overrides, ablations=False):
     """The results.json in `sub` if it was written by this preset, seed and settings, from the weights that are
-    in its stage folders now; else None (the seed is then run, reusing whatever stages still match)."""
+    in its stage folders now, with the ablations if they are asked for; else None (the seed is then run, reusing
+    whatever stages still match)."""
     try:
         with open(os.path.join(sub, "results.json")) as f:
             res = json.load(f)
@@ -933,7 +940,7 @@ def finished_result(sub, preset, seed, overrides):
         hashes = {k: weights_hash(load_checkpoint(os.path.join(os.path.dirname(res["stage1"]) if k == "mse" else
                                                                os.path.join(sub, k), "ckpt.pt"))["ema"])
                   for k in res["stage_hashes"]}
-        return res if same and hashes == res["stage_hashes"] else None
+        return res if same and hashes == res["stage_hashes"] and (not ablations or "ablations" in res) else None
     except (OSError, ValueError, KeyError, UsageError):
         return None
 
@@ -967,11 +974,13 @@ def all_verdicts(res):
 
 
 def pooled_verdicts(results):
-    """For every pair and metric: the mean over seeds of the per-seed paired differences, its pooled interval,
+    """For every pair (matched by its rows, in every seed) and metric: the mean over seeds of the per-seed paired differences, its pooled interval,
     the verdict called only when that interval excludes 0, and in how many seeds the per-seed verdict agreed."""
-    out = []
-    for i, v0 in enumerate(all_verdicts(results[0])):
-        per_seed = [all_verdicts(r)[i] for r in results]
+    out, by_pair = [], [{(v["a"], v["b"]): v for v in all_verdicts(r)} for r in results]
+    for v0 in all_verdicts(results[0]):
+        if not all((v0["a"], v0["b"]) in seed for seed in by_pair):    # a pair some seed lacks is not pooled
+            continue
+        per_seed = [seed[v0["a"], v0["b"]] for seed in by_pair]
         entry = {"a": v0["a"], "b": v0["b"], "what": v0["what"]}
         for key, _, sign in VERDICT_METRICS:
             if key not in v0:
@@ -980,8 +989,9 @@ def pooled_verdicts(results):
             mean, ci = pooled_interval(diffs)
             better = v0["a"] if (mean > 0) == (sign > 0) else v0["b"]
             held = sum(v[key]["verdict"] == f"row {better} better in this run" for v in per_seed)
-            word = (f"row {better} better" if ci and not ci[0] <= 0 <= ci[1] else "not distinguishable over seeds"
-                    if ci else "one training run: no verdict about the method")
+            word = (f"row {better} better" if ci and excludes_zero(ci) else "not distinguishable over seeds"
+                    if ci and informative(ci) else "no verdict: the interval is not finite or has zero width" if ci
+                    else "one training run: no verdict about the method")
             entry[key] = {"diff": mean, "ci": ci, "verdict": word, "held": held, "seeds": len(results),
                           "per_seed": diffs}
         out.append(entry)
@@ -989,35 +999,40 @@ def pooled_verdicts(results):
 
 
 def pooled_rows(results):
-    """Each row's metrics over seeds: mean, pooled interval, and the mean sampling standard error (the bootstrap
-    interval's width / 3.92) beside the standard deviation between seeds."""
+    """Each row's metrics over seeds: mean, pooled interval, and the sampling standard error (the bootstrap
+    interval's width / 3.92, as the root of the seeds' mean variance) beside the standard deviation between seeds."""
     rows = []
     for i, r0 in enumerate(results[0]["rows"]):
-        row = {"row": r0["row"], "name": r0["name"]}
+        row = {"row": r0["row"], "name": r0["name"], "model": r0.get("model")}
         for key in METRIC_KEYS:
             if key in r0:
                 vals = [r["rows"][i][key] for r in results]
                 mean, ci = pooled_interval(vals)
                 row[key] = {"mean": mean, "ci": ci, "sd_seeds": float(np.std(vals, ddof=1)) if len(vals) > 1 else None,
-                            "se_sampling": float(np.mean([(r["rows"][i][key + "_ci"][1] - r["rows"][i][key + "_ci"][0])
-                                                          / 3.92 for r in results]))}
+                            "se_sampling": float(np.mean([((r["rows"][i][key + "_ci"][1] - r["rows"][i][key + "_ci"][0])
+                                                           / 3.92) ** 2 for r in results])) ** 0.5}
         rows.append(row)
     return rows
 
 
 def variance_sources(a, b):
     """Where the spread between seeds comes from, per row and metric, as standard deviations, from pooled_rows of
-    the full design (a) and of the shared-stage-1 design (b): sampling alone (the bootstrap's), stage-2 seeds on
-    one stage 1 (b's spread less sampling), and stage-1 seeds (a's spread less b's); negative variance
-    differences read as 0."""
+    the full design (a: K stage-1 seeds) and of the shared-stage-1 design (b: J + 1 runs on one stage 1):
+    sampling alone (the bootstrap's mean variance), stage-2 seeds (b's variance less sampling) and stage-1 seeds
+    (a's less b's). A row drawn from stage 1 alone (rows 1, 3, 6, 9, 10) has no stage-2 source: its b-spread is
+    sampling, and its stage-1 share is a's variance less sampling. A negative variance estimate is reported as 0
+    and named in `clamped`; with K - 1 and J degrees of freedom, such estimates are common, not exact zeros."""
     out = []
     for ra, rb in zip(a, b):
         row = {"row": ra["row"], "name": ra["name"]}
         for key in METRIC_KEYS:
             if key in ra:
-                se, sd_s2, sd_full = rb[key]["se_sampling"], rb[key]["sd_seeds"], ra[key]["sd_seeds"]
-                row[key] = {"sampling": se, "stage2": max(sd_s2 ** 2 - se ** 2, 0) ** 0.5,
-                            "stage1": max(sd_full ** 2 - sd_s2 ** 2, 0) ** 0.5, "sd_full": sd_full, "sd_shared": sd_s2}
+                se2, var_s2, var_full = rb[key]["se_sampling"] ** 2, rb[key]["sd_seeds"] ** 2, ra[key]["sd_seeds"] ** 2
+                parts = ({"sampling": se2, "stage2": var_s2 - se2, "stage1": var_full - var_s2} if ra.get("model") != "mse"
+                         else {"sampling": se2, "stage1": var_full - se2})
+                row[key] = {**{k: max(v, 0.0) ** 0.5 for k, v in parts.items()},
+                            "clamped": [k for k, v in parts.items() if v < 0], "sd_full": ra[key]["sd_seeds"],
+                            "sd_shared": rb[key]["sd_seeds"]}
         out.append(row)
     return out
 
@@ -1045,14 +1060,28 @@ def pooled_markdown(pooled):
         spread = lambda e: f"{e['mean']:.3f} {fmt_ci(e['ci']) if e['ci'] else ''} (sd {e['sd_seeds'] or 0:.3f} / se {e['se_sampling']:.3f})"
         lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(spread(r[k]) if k in r else "-" for k in METRIC_KEYS) + " |")
     if pooled["sources"]:
-        lines += ["", f"Where the spread comes from (standard deviations): sampling alone | stage-2 seeds on one stage 1 "
-                  f"({pooled['stage2_seeds'] + 1} runs sharing seed {pooled['seeds'][0]}'s stage 1) | stage-1 seeds:",
+        J = pooled["stage2_seeds"]
+        lines += ["", f"Where the spread comes from (standard deviations): sampling alone / stage-2 seeds on one stage 1 "
+                  f"({J + 1} runs sharing seed {pooled['seeds'][0]}'s stage 1: {J} degrees of freedom) / stage-1 seeds "
+                  f"({K} seeds: {K - 1} degrees of freedom). '-': no such source (a row of stage 1 alone); '0*': the "
+                  "variance estimate was negative, shown as 0. With this few degrees of freedom each share is rough.",
                   "", "| row | model | " + " | ".join(METRIC_KEYS) + " |", "|---|---|" + "---|" * len(METRIC_KEYS)]
+        share = lambda e, part: ("-" if part not in e else "0*" if part in e["clamped"] else f"{e[part]:.3f}")
         for r in pooled["sources"]:
             lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(
-                f"{r[k]['sampling']:.3f} / {r[k]['stage2']:.3f} / {r[k]['stage1']:.3f}" if k in r else "-"
+                " / ".join(share(r[k], part) for part in ("sampling", "stage2", "stage1")) if k in r else "-"
                 for k in METRIC_KEYS) + " |")
     return "\n".join(lines) + "\n"
+
+
+def informative(ci):
+    """An interval that can carry a verdict: finite, of positive width (K identical values, a NaN: none)."""
+    return all(math.isfinite(v) for v in ci) and ci[1] > ci[0]
+
+
+def excludes_zero(ci):
+    """A verdict is called: the interval is informative and 0 lies outside it."""
+    return informative(ci) and not ci[0] <= 0 <= ci[1]
 
 
 def verdict(a, b, what, rows, boots):
@@ -1065,8 +1094,9 @@ def verdict(a, b, what, rows, boots):
             # Recall and coverage: the plain percentile interval of the paired difference; centring it on the
             # estimate called 12% of null experiments (simulated: test_reproduce.py), the plain one 5%.
             ci = interval(d, boots[a][key] - boots[b][key], centred=not key.startswith(("recall", "coverage")))
-            word = ("not distinguishable in this run" if ci[0] <= 0 <= ci[1] else
-                    f"row {a if (d > 0) == (sign > 0) else b} better in this run")
+            word = (f"row {a if (d > 0) == (sign > 0) else b} better in this run" if excludes_zero(ci) else
+                    "not distinguishable in this run" if informative(ci) else "no verdict: the interval is not finite "
+                    "or has zero width")
             out[key] = {"diff": d, "ci": ci, "verdict": word}
     return out
 

@@ -408,16 +408,17 @@ def test_t_quantile_matches_published_tables():
     assert rp.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
 
 
-def test_pooled_interval_covers_the_true_difference_in_95_percent_of_simulated_experiments():
+def test_pooled_verdicts_interval_covers_the_true_difference_in_95_percent_of_simulated_experiments():
     # Each experiment: K = 5 training seeds; a seed's paired difference = true + between-run effect (sd 0.3) +
-    # its own sampling noise (sd 0.1). A sampling-only interval would cover far less often.
+    # its own sampling noise (sd 0.1), through pooled_verdicts as reproduce_seeds calls it. A sampling-only
+    # interval would cover far less often; the sd with ddof = 0 covers 93%, which the bounds reject.
     g = np.random.default_rng(0)
-    true, covered, n = 0.2, 0, 400
+    true, covered, n = 0.2, 0, 4000
     for _ in range(n):
         diffs = true + g.normal(0, 0.3, 5) + g.normal(0, 0.1, 5)
-        _, (lo, hi) = rp.pooled_interval(diffs)
+        lo, hi = rp.pooled_verdicts([fake_result(float(d), "-") for d in diffs])[0]["fd"]["ci"]
         covered += lo <= true <= hi
-    assert 0.92 <= covered / n <= 0.98                            # binomial sd at n = 400: 0.011
+    assert 0.94 <= covered / n <= 0.96                            # binomial sd at n = 4000: 0.0034
 
 
 def fake_result(diffs, verdicts):
@@ -435,6 +436,43 @@ def test_no_verdict_is_called_when_seeds_disagree_in_sign_and_the_pooled_interva
     v = rp.pooled_verdicts(agree)[0]["fd"]
     assert v["verdict"] == "row 4 better" and v["held"] == 3 and v["seeds"] == 3
     assert rp.pooled_verdicts(agree[:1])[0]["fd"]["verdict"].startswith("one training run")
+
+
+def test_no_verdict_when_an_interval_is_not_finite_or_has_zero_width():
+    rows = {1: {"fd": 1.0}, 2: {"fd": float("nan")}, 3: {"fd": 1.0}}
+    boots = {1: {"fd": torch.ones(50)}, 2: {"fd": torch.full((50,), float("nan"))}, 3: {"fd": torch.ones(50)}}
+    assert rp.verdict(1, 2, "q", rows, boots)["fd"]["verdict"].startswith("no verdict")
+    rows[3]["fd"] = 0.5                                                   # a difference with a zero-width interval
+    boots[3]["fd"] = torch.full((50,), 0.5)
+    assert rp.verdict(1, 3, "q", rows, boots)["fd"]["verdict"].startswith("no verdict")
+    same = [fake_result(-0.4, "row 4 better in this run")] * 2            # K = 2 identical differences
+    assert rp.pooled_verdicts(same)[0]["fd"]["verdict"].startswith("no verdict")
+
+
+def test_pooled_verdicts_match_pairs_by_their_rows_not_their_position():
+    a = {"verdicts": [{"a": 4, "b": 2, "what": "q", "fd": {"diff": -1.0, "ci": [0, 0], "verdict": "row 4 better in this run"}},
+                      {"a": 4, "b": 1, "what": "p", "fd": {"diff": 5.0, "ci": [0, 0], "verdict": "row 1 better in this run"}}],
+         "ablations": [{"verdicts": [{"a": 20, "b": 4, "what": "x", "fd": {"diff": 1.0, "ci": [0, 0], "verdict": "-"}}]}]}
+    b = {"verdicts": a["verdicts"][::-1]}                                 # another order, and no ablations
+    b = {"verdicts": [{**v, "fd": {**v["fd"], "diff": v["fd"]["diff"] * 1.1}} for v in b["verdicts"]]}
+    pooled = {(v["a"], v["b"]): v["fd"] for v in rp.pooled_verdicts([a, b])}
+    assert set(pooled) == {(4, 2), (4, 1)}                                # the ablation pair of one seed is not pooled
+    assert pooled[4, 2]["per_seed"] == [-1.0, -1.1] and pooled[4, 1]["per_seed"] == [5.0, 5.5]
+
+
+def test_a_finished_seed_without_the_asked_for_ablations_is_not_reused(smoke_run, tmp_path):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "s")
+    res = json.loads((tmp_path / "s" / "results.json").read_text())
+    res["stage1"], seed = str(tmp_path / "s" / "mse" / "ckpt.pt"), res["train"]["seed"]   # the copy's own stage 1
+    res["ablations"] = json.loads((tmp_path / "s" / "ablations.json").read_text())   # (a rerun test rewrote it without)
+    (tmp_path / "s" / "results.json").write_text(json.dumps(res))
+    assert rp.finished_result(str(tmp_path / "s"), "smoke", seed, {}, ablations=True) is not None
+    res.pop("ablations")
+    (tmp_path / "s" / "results.json").write_text(json.dumps(res))
+    assert rp.finished_result(str(tmp_path / "s"), "smoke", seed, {}, ablations=False) is not None
+    assert rp.finished_result(str(tmp_path / "s"), "smoke", seed, {}, ablations=True) is None
 
 
 def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(tmp_path, monkeypatch, capsys):
@@ -458,13 +496,41 @@ def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(t
     assert (tmp_path / "s" / "seed1" / "results.md").is_file() and (tmp_path / "s" / "seed0" / "results.json").is_file()
 
 
-def test_stage2_seeds_share_the_first_seeds_stage_1_and_split_the_spread_by_source(tmp_path):
+def test_stage2_seeds_reuse_the_first_seeds_stage_1_weights_and_train_their_own_stage_2(tmp_path):
     pooled = rp.reproduce_seeds("smoke", str(tmp_path / "v"), [0, 1], stage2_seeds=1, device="cpu", log=lambda s: None)
+    seed0 = json.loads((tmp_path / "v" / "seed0" / "results.json").read_text())
     shared = json.loads((tmp_path / "v" / "seed0-stage2-1000" / "results.json").read_text())
-    assert shared["stage1"] == str(tmp_path / "v" / "seed0" / "mse" / "ckpt.pt")
-    assert not (tmp_path / "v" / "seed0-stage2-1000" / "mse").exists() and shared["train"]["seed"] == 1000
+    assert shared["stage1"] == seed0["stage1"] and not (tmp_path / "v" / "seed0-stage2-1000" / "mse").exists()
+    assert shared["stage_hashes"]["mse"] == seed0["stage_hashes"]["mse"]           # the very same stage 1
+    assert shared["stage_hashes"]["self-perceptual"] != seed0["stage_hashes"]["self-perceptual"]
+    assert shared["train"]["seed"] == 1000 and shared["rows"][0]["seed"] == 1000   # its own stage-2 and sampling seed
     src = {r["row"]: r for r in pooled["sources"]}
-    assert {"sampling", "stage2", "stage1"} <= src[4]["fd"].keys() and src[1]["fd"]["sampling"] > 0
+    assert "stage2" in src[4]["fd"] and "stage2" not in src[1]["fd"]                # row 1 is stage 1 alone
+
+
+def test_stage2_seeds_never_repeat_a_training_seed():
+    names = [(name, seed) for name, seed, _, _ in rp.seed_runs("o", [1000, 1001], 2)]
+    assert names == [("seed1000", 1000), ("seed1001", 1001), ("seed1000-stage2-1002", 1002), ("seed1000-stage2-1003", 1003)]
+    assert [seed for _, seed, _, _ in rp.seed_runs("o", [0, 1], 1)] == [0, 1, 1000]
+
+
+def pooled_row(model, sd_seeds, se):
+    return {"row": 1, "name": "r", "model": model, "fd": {"sd_seeds": sd_seeds, "se_sampling": se}}
+
+
+def test_variance_split_has_no_stage_2_share_for_stage_1_rows_and_names_each_clamped_share():
+    two_stage = rp.variance_sources([pooled_row("self-perceptual", 0.5, 0.1)], [pooled_row("self-perceptual", 0.3, 0.1)])[0]["fd"]
+    assert two_stage["sampling"] == pytest.approx(0.1) and two_stage["stage2"] == pytest.approx((0.09 - 0.01) ** 0.5)
+    assert two_stage["stage1"] == pytest.approx((0.25 - 0.09) ** 0.5) and two_stage["clamped"] == []
+    one_stage = rp.variance_sources([pooled_row("mse", 0.5, 0.1)], [pooled_row("mse", 0.05, 0.1)])[0]["fd"]
+    assert "stage2" not in one_stage and one_stage["stage1"] == pytest.approx((0.25 - 0.01) ** 0.5)
+    clamped = rp.variance_sources([pooled_row("self-perceptual", 0.2, 0.1)], [pooled_row("self-perceptual", 0.3, 0.1)])[0]["fd"]
+    assert clamped["stage1"] == 0 and clamped["clamped"] == ["stage1"]
+
+
+def test_pooled_sampling_error_is_the_root_mean_square_of_the_seeds_standard_errors():
+    results = [{"rows": [{"row": 1, "name": "r", "fd": 1.0, "fd_ci": [1 - 1.96 * se, 1 + 1.96 * se]}]} for se in (0.1, 0.3)]
+    assert rp.pooled_rows(results)[0]["fd"]["se_sampling"] == pytest.approx(((0.01 + 0.09) / 2) ** 0.5)
 
 
 def test_bad_seed_lists_are_one_line_and_exit_code_2(capsys, tmp_path):
