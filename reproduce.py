@@ -16,6 +16,7 @@ Run (the built-in `shapes` data needs no network):
 """
 import argparse
 import functools
+import hashlib
 import json
 import math
 import os
@@ -70,11 +71,12 @@ def feature_stats(f, w=None):
 def resampled_fd(f, w, ref, budget=2 ** 28):
     """The Frechet distance of features f (n, D) under each row of resampling weights w (B, n) against the
     reference ref = (mu_r, cov_r, cov_r^1/2): (B,). The resampled statistics are built a chunk of c rows at a time
-    and only the distances kept. Peak memory per chunk: about 8 c (n D + 3 D^2) bytes in float64 (the weighted
-    features, the covariances, their product with cov_r^1/2), c chosen to fit `budget` (256 MiB; at least 1 row).
-    Built all at once, (B, D, D) alone is 34 GB at B = 1,001 and D = 2048 (FID)."""
+    and only the distances kept. Peak memory per chunk: about 8 c (n D + 5 D^2) bytes in float64 (the weighted
+    features; the second moment, the covariance, its product with cov_r^1/2 on each side and the eigenvectors
+    alive together: 5 D x D per row, measured), c chosen to fit `budget` (256 MiB; at least 1 row). Built all at
+    once, (B, D, D) alone is 34 GB at B = 1,001 and D = 2048 (FID)."""
     n, D = f.shape
-    c = max(1, budget // (8 * (n * D + 3 * D * D)))
+    c = max(1, budget // (8 * (n * D + 5 * D * D)))
     return torch.cat([frechet_distances(*feature_stats(f, wc), *ref) for wc in w.split(c)])
 
 
@@ -359,8 +361,19 @@ CLASSIFIER_STEPS = 400      # training steps of the classifier ruler, wherever o
 
 
 def cache_path(data_dir, what, data, image_size, data_seed):
-    """Where a ruler's part for one data set is cached: the key (data, image size, data seed) in its name."""
-    return os.path.join(data_dir, f"{what}_{os.path.basename(os.path.normpath(data))}_{image_size}px_seed{data_seed}.pt")
+    """Where a ruler's part for one data set is cached: the key (data, image size, data seed) in its name. A
+    folder is named by its content (a hash of its files' paths and sizes), not its name: two folders of one name,
+    or a folder whose images changed (and with them its held-out split), never share a cached classifier."""
+    name = data
+    if data not in ("shapes", "cifar10"):
+        h = hashlib.sha256()
+        for root, dirs, files in sorted(os.walk(data)):
+            dirs.sort()
+            for fn in sorted(files):
+                path = os.path.join(root, fn)
+                h.update(f"{os.path.relpath(path, data)}\0{os.path.getsize(path)}\0".encode())
+        name = f"{os.path.basename(os.path.normpath(data))}-{h.hexdigest()[:12]}"
+    return os.path.join(data_dir, f"{what}_{name}_{image_size}px_seed{data_seed}.pt")
 
 
 class Ruler:
