@@ -851,6 +851,10 @@ def check_config(cfg):
         raise UsageError("--loss self-perceptual needs --init STAGE1_RUN/ckpt.pt (a model trained with --loss mse)")
     if not int_list(cfg["channel_mult"]):
         raise UsageError("--channel-mult needs at least one level, such as 1,2,2")
+    if cfg["cooldown"] and cfg["final_lr"] > cfg["lr"]:
+        raise UsageError(f"--final-lr {cfg['final_lr']:g} is above --lr {cfg['lr']:g}: a cool-down lowers the rate")
+    if cfg["guide_at"] > cfg["steps"]:
+        raise UsageError(f"--guide-at {cfg['guide_at']} is past the last step ({cfg['steps']}): no guide would be saved")
     check_data(cfg["data"])
 
 
@@ -963,6 +967,9 @@ def train(cfg, log=print):
                    and v != ckpt["config"].get(k)}
         if changed:
             raise UsageError(f"--resume continues the run as it was configured; cannot change {', '.join(sorted(changed))}")
+        if ckpt["config"].get("cooldown") and cfg["steps"] != ckpt["config"]["steps"]:
+            raise UsageError(f"--resume: {cfg['resume']} cools its rate down over its last steps; it continues only to "
+                             f"the {ckpt['config']['steps']} steps it was configured with (--steps {ckpt['config']['steps']}), not {cfg['steps']}")
         cfg = {**TRAIN_DEFAULTS, **ckpt["config"], **{k: cfg[k] for k in RESUMABLE_KEYS}, "out": out}  # older runs lack newer keys
         step = ckpt["step"]
     writable_dir(out, "--resume" if cfg["resume"] else "--out")       # every rank, before any data is loaded or step taken

@@ -820,11 +820,8 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
             origin = {"init_steps": stats[key]["total_steps"], "init_hash": weights_hash(models[key].state_dict())}
     cfg = stats["mse"]["config"]
     if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):
-        # A stage 1 from before guides were saved: retrain its first steps (same seed and data order, no cool-down
-        # before that step, so the same EMA weights) in a folder of their own, and take the guide from there.
-        at = max(1, p["stage1_steps"] // 8)
-        run_stage({**cfg, "steps": at, "cooldown": 0.0, "resume": "", "guide_at": at, "out": stage1_dir + "-guide"}, log)
-        stage1_dir += "-guide"
+        raise UsageError(f"{stage1_dir} holds a stage 1 without guide.pt (trained before autoguidance): remove that "
+                         "folder or use another --out")
     guide = model_from_checkpoint(load_checkpoint(os.path.join(stage1_dir, "guide.pt"))).to(base["device"]).eval()
     schedule = schedule_from(cfg)
     dev = torch.device(base["device"])

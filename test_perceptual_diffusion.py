@@ -1034,3 +1034,21 @@ def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(t
     folder = make_folder(tmp_path / "f", classes=3, per_class=30)  # through load_dataset, as the rulers read it
     _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)
     assert sorted(held_y[:3].tolist()) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--cooldown", "0.5", "--final-lr", "0.01", "--lr", "0.001"], "--final-lr 0.01 is above --lr 0.001"),
+    (["--guide-at", "11", "--steps", "10"], "--guide-at 11 is past the last step (10)"),
+])
+def test_a_rising_cool_down_or_a_guide_past_the_last_step_is_refused_before_any_work(flags, message, tmp_path, capsys):
+    assert pd.main(["train", *TINY_FLAGS, *flags, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+
+
+def test_a_cooled_down_run_resumes_only_to_its_configured_steps(tmp_path, capsys):
+    tiny_train(tmp_path, steps=4, cooldown=0.5)
+    assert pd.main(["train", "--resume", str(tmp_path / "run"), "--steps", "8"]) == 2
+    err = capsys.readouterr().err
+    assert "continues only to the 4 steps it was configured with (--steps 4)" in err and err.count("\n") == 1
+    assert pd.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 4

@@ -736,3 +736,12 @@ def test_a_folders_ruler_cache_is_keyed_on_its_content_not_its_name(tmp_path):
     with open(os.path.join(a, "class0", "0.png"), "ab") as f:   # an image changed
         f.write(b"more bytes")
     assert key(a) != before
+
+
+def test_a_stage_1_without_its_guide_is_refused_in_one_line_not_retrained_differently(smoke_run, tmp_path):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "g")
+    os.remove(tmp_path / "g" / "mse" / "guide.pt")
+    with pytest.raises(pd.UsageError, match="without guide.pt"):
+        rp.reproduce("smoke", str(tmp_path / "g"), device="cpu", log=lambda s: None)
