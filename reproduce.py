@@ -177,9 +177,11 @@ def resampled_prdc(real, fake, w, k_pr=3, k_dc=5, chunk=64, near=32):
         kth = (seen < k_pr).sum(2)                                              # position of the k_pr-th drawn one
         radius = nn_d.gather(1, kth.clamp(max=near - 1).T).T                    # (c, n)
         for c, j in (kth >= near).nonzero().tolist():                          # fewer than k_pr drawn among `near`
-            radius[c, j] = d_ff[j][drawn[c]].kthvalue(k_pr).values
+            others = d_ff[j][drawn[c]]
+            radius[c, j] = others.kthvalue(k_pr).values if (others < math.inf).sum() >= k_pr else math.nan
         ok = drawn[:, rec_j] & (d_rf[rec_r, rec_j] <= radius[:, rec_j])        # (c, pairs)
-        recall.append(torch.zeros(len(drawn), m, dtype=torch.float64).index_add_(1, rec_r, ok.double()).gt(0).double().mean(1))
+        rec = torch.zeros(len(drawn), m, dtype=torch.float64).index_add_(1, rec_r, ok.double()).gt(0).double().mean(1)
+        recall.append(rec.masked_fill(drawn.sum(1) <= k_pr, math.nan))      # no k_pr-th neighbour: no recall
         hit = torch.zeros(len(drawn), m, dtype=torch.float64).index_add_(1, cov_r, drawn[:, cov_j].double())
         coverage.append(hit.gt(0).double().mean(1))
     return {**out, "recall": torch.cat(recall), "coverage": torch.cat(coverage)}
@@ -465,7 +467,9 @@ class Ruler:
 
     def prdc_ceiling(self, n):
         """Precision, recall, density and coverage of one real subset of n images against another, disjoint one,
-        in each feature space: what a perfect model scores at this n and k (None without 2n held-out images)."""
+        in each feature space: what a perfect model scores at this n and k, n capped as the rows' are at the
+        real images (None without 2n of them)."""
+        n = min(n, self.real_n)
         if 2 * n > self.real_n:
             return None
         out = {}
@@ -658,27 +662,45 @@ def run_stage(cfg, log, origin=None):
     return model, stats
 
 
+GREY = (128, 128, 128)   # the gaps between pictured samples: neither a dark nor a light background
+
+
+def tile(x, scale, gap=2, group=0, group_gap=8):
+    """Images x (r, c, 3, S, S) uint8 as one PIL image: each scaled `scale` times, `gap` grey pixels around
+    every cell and `group_gap` more after every `group` columns, so that neighbouring samples never run into
+    each other whatever the data's background. Returns (image, cell pitch, group pitch)."""
+    from PIL import Image
+    r, c, _, S, _ = x.shape
+    pitch = S * scale + gap
+    groups = c // group if group else 1
+    canvas = Image.new("RGB", (gap + c * pitch + (groups - 1) * group_gap, gap + r * pitch), GREY)
+    for i in range(r):
+        for j in range(c):
+            cell = Image.fromarray(x[i, j].permute(1, 2, 0).numpy()).resize((S * scale, S * scale), Image.NEAREST)
+            canvas.paste(cell, (gap + j * pitch + (j // group if group else 0) * group_gap, gap + i * pitch))
+    return canvas, pitch, (group * pitch + group_gap if group else 0)
+
+
 def comparison_picture(models, schedule, rows, guidance, path, per_class, steps, precision, class_names=()):
     """One labelled column per conditional row, one line per class (named on the left), the same classes and the
-    same initial noise in every column: read across a line to compare the rows on one class and one x_T."""
+    same initial noise in every column: read across a line to compare the rows on one class and one x_T.
+    guidance: {row: (w, phi)} of the guided rows."""
     from PIL import Image, ImageDraw
     scale, pad, head, left = max(2, 64 // models["mse"].image_size), 8, 30, 70
     columns = []
     for row, name, key, mode in rows:
         m = models[key]
         k, s = max(m.num_classes, 1), m.image_size
-        w, phi = guidance if mode == "cfg" else (1.0, 0.0)
+        w, phi = guidance.get(row, (1.0, 0.0))
         x, _ = generate(m, schedule, per_class * k, steps, w, phi, seed=12345, precision=precision)
-        # sample i has class i % k: lay out one class per line, per_class samples side by side
-        grid = to_uint8(x).view(per_class, k, 3, s, s).permute(1, 3, 0, 4, 2).reshape(k * s, per_class * s, 3)
-        title = f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if mode == "cfg" else "no guidance")
-        columns.append((title, Image.fromarray(grid.numpy()).resize((per_class * s * scale, k * s * scale), Image.NEAREST)))
+        # sample i has class i % k: one class per line, per_class samples side by side
+        col, pitch, _ = tile(to_uint8(x).view(per_class, k, 3, s, s).transpose(0, 1), scale)
+        columns.append((f"{row}. {name}\n" + (f"w={w:g}, phi={phi:g}" if row in guidance else "no guidance"), col))
     width = max(160, columns[0][1].width)
     canvas = Image.new("RGB", (left + len(columns) * (width + pad) + pad, columns[0][1].height + head + pad), "white")
     draw = ImageDraw.Draw(canvas)
-    line = columns[0][1].height // max(len(class_names), 1)
     for j, c in enumerate(class_names):
-        draw.text((4, head + j * line + line // 2 - 5), c, fill="black")
+        draw.text((4, head + j * pitch + pitch // 2 - 5), c, fill="black")
     for i, (title, col) in enumerate(columns):
         x0 = left + pad + i * (width + pad)
         draw.multiline_text((x0, 3), title, fill="black")
@@ -731,9 +753,11 @@ def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, re
     per t; columns x_t, each model's x0_hat, x0) and returns, per t and model, the high-frequency energy of x0_hat
     relative to the real images' (1 = as sharp as real) and its Frechet distance (1st ruler) to the real images,
     each with a 95% bootstrap interval (paired across models: the same resamples), measured on n held-out images
-    that the ruler's reference statistics do not contain (where there are enough)."""
+    that the ruler's reference statistics do not contain (where there are enough), and which images those were."""
     from PIL import Image, ImageDraw
     T, first = schedule.T, ruler.real_n if len(ruler.heldout) >= ruler.real_n + n else 0
+    source = ("held-out images that the ruler's reference statistics do not contain" if first else
+              "the ruler's own reference images (the held-out set is too small for both)")
     x0_u8, y = ruler.heldout[first:first + n], ruler.heldout_y[first:first + n]
     x0 = to_model_range(x0_u8)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -759,20 +783,18 @@ def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, re
             row[name].update({k + "_ci": interval(v[0], v[1:]) for k, v in values.items()})
             shown.append(x0_hat[:n_show])
         numbers.append(row)
-        gap = torch.ones(3, x0.shape[-2], 2)                                                  # white, in [-1, 1]
-        lines.append(torch.cat([torch.cat([*b, gap], 2) for b in shown + [x0[:n_show]]], 2))   # (3, H, cols * (W+..))
-    S, scale, left, head = x0.shape[-1], max(2, 64 // x0.shape[-1]), 60, 20
-    strip = to_uint8(torch.cat(lines, 1)).permute(1, 2, 0).numpy()                             # (len(ts) * H, W_all, 3)
-    img = Image.fromarray(strip).resize((strip.shape[1] * scale, strip.shape[0] * scale), Image.NEAREST)
+        lines.append(torch.cat(shown + [x0[:n_show]]))                           # (columns * n_show, 3, H, W)
+    scale, left, head = max(2, 64 // x0.shape[-1]), 60, 20
+    img, pitch, block = tile(to_uint8(torch.stack(lines)), scale, group=n_show)
     canvas = Image.new("RGB", (img.width + left, img.height + head), "white")
     canvas.paste(img, (left, head))
-    draw, block = ImageDraw.Draw(canvas), (n_show * S + 2) * scale
+    draw = ImageDraw.Draw(canvas)
     for i, title in enumerate(["x_t"] + [f"{k}: x0_hat" for k in models] + ["x0"]):
         draw.text((left + i * block + 2, 4), title, fill="black")
     for i, t in enumerate(ts):
-        draw.text((4, head + i * S * scale + S * scale // 2 - 5), f"t={t}", fill="black")
+        draw.text((4, head + i * pitch + pitch // 2 - 5), f"t={t}", fill="black")
     canvas.save(path)
-    return numbers
+    return numbers, f"{n} {source}"
 
 
 def preset_settings(preset, overrides, **run):
@@ -829,6 +851,14 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     ruler = Ruler(p["features"], cfg["data"], cfg["data_dir"], cfg["image_size"], cfg["data_seed"], p["real_n"], dev,
                   classifier_steps=p["classifier_steps"], log=log)
     ev = dict(steps=p["eval_steps"], precision=cfg["precision"], resamples=p["resamples"])
+    notes = []
+    if ruler.real_n < p["eval_n"]:
+        notes.append(f"The held-out set has {ruler.real_n} images, fewer than the {p['eval_n']} samples per row: "
+                     f"precision, recall, density and coverage use {ruler.real_n} of each, and each Frechet distance "
+                     f"compares {p['eval_n']} samples with {ruler.real_n} real images. At this n a Frechet distance "
+                     "is dominated by its bias: its paired differences can still order rows, but its values are not "
+                     "comparable with distances measured at another n (KID is unbiased).")
+        log("note: " + notes[-1])
 
     # Small sweeps, on another seed and fewer samples than the table uses: classifier-free guidance of the MSE model
     # (row 3's w) and of the self-perceptual model, w = 1 included (the trade-off curve); autoguidance with the null
@@ -847,9 +877,14 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                 f"{r['precision']:.3f}, recall {r['recall']:.3f}")
         guidance[kind] = (min((r for r in sweeps[kind] if r["cfg_scale"] != 1), key=lambda r: r["fd"])["cfg_scale"], phi)
 
+    # Each guided row takes the w of its own model's sweep: row 3 (and the picture's MSE column) the MSE sweep's,
+    # row 5 the self-perceptual sweep's, rows 9 and 10 the autoguidance sweep's.
+    guided = {row: guidance["cfg-sp" if (key, mode) == ("self-perceptual", "cfg") else mode.split("-")[0]]
+              for row, _, key, mode in ROWS if mode.startswith(("cfg", "auto"))}
+
     def evaluate_row(row, name, key, mode):
         """One row: the model sampled as `mode` from the table's seed, with its provenance."""
-        w, phi = guidance[mode.split("-")[0]] if mode.startswith(("cfg", "auto")) else (1.0, 0.0)
+        w, phi = guided[row] if row in guided else (1.0, 0.0)
         label = models[key].num_classes if mode.endswith("null") else None
         r, boot = evaluate_model(models[key], schedule, ruler, p["eval_n"], cfg_scale=w, cfg_rescale=phi, seed=seed,
                                  label=label, guide=guide if mode.startswith("auto") else None, **ev)
@@ -863,19 +898,21 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     for spec in ROWS:
         rows[spec[0]], boots[spec[0]] = evaluate_row(*spec)
     verdicts = [verdict(a, b, what, rows, boots) for a, b, what in PAIRS]
-    comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guidance["cfg"],
+    comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guided,
                        os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"],
                        ruler.class_names)
-    x0_numbers = x0_hat_study({"MSE": models["mse"], "self-perceptual": models["self-perceptual"]}, schedule, ruler,
+    x0_numbers, x0_images = x0_hat_study({"MSE": models["mse"], "self-perceptual": models["self-perceptual"]}, schedule, ruler,
                               p["x0_n"], p["x0_show"], os.path.join(out, "x0_hat.png"), cfg["precision"], seed,
                               p["resamples"])
     result = {"preset": preset, "settings": {k: v for k, v in p.items() if k != "train"}, "train": base,
               "stage1": stage1, "guide": os.path.join(stage1_dir, "guide.pt"),
               "guidance_sweep": sweeps["cfg"], "guidance": list(guidance["cfg"]), "autoguidance_sweep": sweeps["auto"],
               "autoguidance": list(guidance["auto"]), "sp_guidance_sweep": sweeps["cfg-sp"],
+              "sp_guidance": list(guidance["cfg-sp"]),
               "prdc_ceiling": ruler.prdc_ceiling(p["eval_n"]), "sweep_prdc_ceiling": ruler.prdc_ceiling(p["sweep_n"]),
               "rows": list(rows.values()), "verdicts": verdicts,
-              "x0_hat": x0_numbers, "real": ruler.real_values, "protocol": ruler.protocol,
+              "x0_hat": x0_numbers, "x0_hat_images": x0_images, "real": ruler.real_values, "protocol": ruler.protocol,
+              "notes": notes,
               "stage_hashes": {k: weights_hash(models[k].state_dict()) for k in models},
               "reused_stages": [k for k in stats if stats[k].get("reused")],
               "device": str(dev), "torch_threads": torch.get_num_threads()}
@@ -1152,13 +1189,16 @@ def results_markdown(res):
     for r in rows:
         lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in ("mean", "std", "saturation", "contrast",
                                                                         "spectrum_dist")) + " |")
-    ceil = res["prdc_ceiling"] or {}
+    ceil, k_used = res["prdc_ceiling"], min(rows[0]["samples"], proto["real_images"])
     lines += ["", f"Realism and diversity: precision and recall (k = 3), density and coverage (k = 5), on features "
-              f"standardised by the real set's, {rows[0]['samples']} real against {rows[0]['samples']} generated; the "
-              "ceiling is one real subset against another, disjoint one (what a perfect model scores at this n):", "",
-              "| row | " + " | ".join(f"{k} ({first})" for k in PRDC) + " | " + " | ".join(f"{k} (random)" for k in PRDC)
-              + " |", "|---|" + "---|" * 8,
-              "| real vs real | " + " | ".join(f"{ceil[k]:.3f}" if k in ceil else "-" for k in SWEEP_KEYS[2:]) + " |"]
+              f"standardised by the real set's, {k_used} real against {k_used} generated"
+              + (f" (the first {k_used} of each row's {rows[0]['samples']} samples)" if k_used < rows[0]["samples"] else "")
+              + "; the ceiling is one real subset against another, disjoint one (what a perfect model scores at this "
+              "n):", "", "| row | " + " | ".join(f"{k} ({first})" for k in PRDC) + " | " +
+              " | ".join(f"{k} (random)" for k in PRDC) + " |", "|---|" + "---|" * 8,
+              "| real vs real | " + (" | ".join(f"{ceil[k]:.3f}" for k in SWEEP_KEYS[2:]) if ceil else
+                                     f"no ceiling: it needs 2 x {k_used} real images, there are {proto['real_images']}"
+                                     + " |" * 7) + " |"]
     for r in rows:
         lines.append(f"| {r['row']} | " + " | ".join(c(r, k) for k in SWEEP_KEYS[2:]) + " |")
     lines += ["", f"Paired differences (row a - row b: the rows share their initial noise and labels; 95% paired "
@@ -1168,7 +1208,7 @@ def results_markdown(res):
     lines += verdict_lines(res["verdicts"])
     lines += ["", rulers_line(res["verdicts"]), "", convergence_line(res)]
     lines += ["", "x0_hat from one step (`x0_hat.png`): high-frequency energy relative to real images (1 = as sharp)"
-              f" and Frechet distance ({first}) to the real images, on {res['settings']['x0_n']} held-out images:", "",
+              f" and Frechet distance ({first}) to the real images, on {res['x0_hat_images']}:", "",
               "| t | " + " | ".join(f"{k}: high-freq / FD" for k in res["x0_hat"][0] if k != "t") + " |",
               "|---|" + "---|" * (len(res["x0_hat"][0]) - 1)]
     for row in res["x0_hat"]:
@@ -1190,7 +1230,9 @@ def results_markdown(res):
               f"; chosen w={res['guidance'][0]:g}, phi={res['guidance'][1]:g}. Autoguidance sweep (null label; guide: "
               f"stage 1's EMA at 1/8 of its steps): " + ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in
                                                                    res["autoguidance_sweep"]) +
-              f"; chosen w={res['autoguidance'][0]:g} for rows 9 and 10.", "",
+              f"; chosen w={res['autoguidance'][0]:g} for rows 9 and 10. Guidance sweep of the self-perceptual model "
+              "for row 5: " + ", ".join(f"w={s['cfg_scale']:g}: {s['fd']:.3f}" for s in res["sp_guidance_sweep"]) +
+              f"; chosen w={res['sp_guidance'][0]:g}.", ""] + [f"Note: {n}" for n in res["notes"]] + ["",
               f"Wall time {res['wall_seconds'] / 60:.1f} min on {res['device']} ({res['torch_threads']} torch threads)"
               + (f"; stages reused from an earlier run: {', '.join(res['reused_stages'])}" if res["reused_stages"] else "")
               + "."]

@@ -380,13 +380,15 @@ def test_reproduce_retrains_stage_2_when_stage_1_was_continued_in_place(smoke_ru
     out, _ = smoke_run
     import shutil
     shutil.copytree(out, tmp_path / "c")
-    pd.train({"resume": str(tmp_path / "c" / "mse"), "steps": 3}, log=lambda s: None)   # the learning-curve workflow
+    path = str(tmp_path / "c" / "mse" / "ckpt.pt")                 # stage 1 retrained in place: other weights
+    ckpt = pd.load_checkpoint(path)
+    ckpt["ema"] = {k: v + 0.01 if v.is_floating_point() else v for k, v in ckpt["ema"].items()}
+    pd.save_checkpoint(path, {k: v for k, v in ckpt.items() if k != "kind"})
     logs = []
-    res = rp.reproduce("smoke", str(tmp_path / "c"), device="cpu", stage1_steps=3, log=logs.append)
+    res = rp.reproduce("smoke", str(tmp_path / "c"), device="cpu", log=logs.append)
     assert sum("reusing the finished run" in line for line in logs) == 1              # stage 1 alone
     assert sum("training" in line and "anew" in line for line in logs) == 2           # the stage 2 and the control
-    rows = {r["row"]: r for r in res["rows"]}
-    assert rows[1]["train_steps"] == 3 and rows[2]["train_steps"] == rows[4]["train_steps"] == 4
+    assert res["stage_hashes"]["mse"] == rp.weights_hash(ckpt["ema"])
 
 
 def test_reproduce_reuses_stages_trained_on_another_device(smoke_run, tmp_path, monkeypatch):
@@ -601,6 +603,11 @@ def test_reproduce_runs_the_whole_comparison_on_a_folder_of_class_subfolders(tmp
     assert (tmp_path / "r" / "comparison.png").is_file() and (tmp_path / "r" / "guidance_tradeoff.png").is_file()
     assert pd.load_checkpoint(str(tmp_path / "r" / "mse" / "ckpt.pt"))["config"]["num_classes"] == 2
     assert "(72 images; 10% of each class held out for the rulers, 2 classes)" in capsys.readouterr().out
+    md = (tmp_path / "r" / "results.md").read_text()                 # 8 held-out images, 20 samples per row
+    assert "8 real against 8 generated (the first 8 of each row's 20 samples)" in md
+    assert "no ceiling: it needs 2 x 8 real images, there are 8" in md
+    assert "Note: The held-out set has 8 images, fewer than the 20 samples per row" in md
+    assert "the ruler's own reference images" in res["x0_hat_images"] and res["x0_hat_images"] in md
 
 
 @pytest.mark.parametrize("argv, message", [
@@ -745,3 +752,22 @@ def test_a_stage_1_without_its_guide_is_refused_in_one_line_not_retrained_differ
     os.remove(tmp_path / "g" / "mse" / "guide.pt")
     with pytest.raises(pd.UsageError, match="without guide.pt"):
         rp.reproduce("smoke", str(tmp_path / "g"), device="cpu", log=lambda s: None)
+
+
+def test_each_guided_row_takes_the_w_of_its_own_models_sweep(smoke_run):
+    _, res = smoke_run
+    rows = {r["row"]: r for r in res["rows"]}
+    assert rows[3]["cfg_scale"] == res["guidance"][0] and rows[5]["cfg_scale"] == res["sp_guidance"][0]
+    assert rows[9]["cfg_scale"] == rows[10]["cfg_scale"] == res["autoguidance"][0]
+    chosen = min((s for s in res["sp_guidance_sweep"] if s["cfg_scale"] != 1), key=lambda s: s["fd"])
+    assert res["sp_guidance"][0] == chosen["cfg_scale"]
+
+
+def test_pictured_samples_are_separated_by_grey_gaps_whatever_the_background():
+    black = torch.zeros(2, 3, 3, 4, 4, dtype=torch.uint8)             # 2 lines of 3 black 4-pixel samples
+    img, pitch, block = rp.tile(black, scale=2, gap=2, group=3, group_gap=8)
+    a = np.asarray(img)
+    assert pitch == 10 and a.shape == (2 + 2 * 10, 2 + 3 * 10, 3)
+    assert (a[:, 0] == rp.GREY).all() and (a[0] == rp.GREY).all()                 # the frame
+    assert (a[2:10, 10:12] == rp.GREY).all() and (a[10:12, 2:10] == rp.GREY).all()  # between cells
+    assert (a[2:10, 2:10] == 0).all()                                              # a cell, untouched
