@@ -694,16 +694,29 @@ PROB = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 UNIT = ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
+def mps_available():
+    """Apple-silicon GPU (Metal) support in this torch on this machine."""
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def best_device():
+    """cuda if this machine has it, then mps (Apple silicon), then cpu."""
+    return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+
+
 def DEVICE(text):
-    """A torch device this machine has: cpu, cuda, cuda:1, ..."""
+    """A torch device this machine has: auto (best_device), cpu, cuda, cuda:1, mps."""
+    if text == "auto":
+        return best_device()
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
-        raise argparse.ArgumentTypeError(f"must be a torch device such as cpu or cuda, got {text!r}")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise argparse.ArgumentTypeError(f"CUDA is not available on this machine, got {text!r}")
-    if dev.type not in ("cpu", "cuda"):
-        raise argparse.ArgumentTypeError(f"must be cpu or cuda, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be auto or a torch device such as cpu, cuda or mps, got {text!r}")
+    if dev.type not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or mps, got {text!r}")
+    if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_available()):
+        raise argparse.ArgumentTypeError(f"{dev.type.upper()} is not available on this machine (torch "
+                                         f"{torch.__version__}), got {text!r}")
     return text
 
 
@@ -762,7 +775,7 @@ TRAIN_ARGS = [
     ("out", "runs/run", None, "run folder: ckpt.pt, sample grids, config.json"),
     ("seed", 0, ANY_INT, "random seed (data order, noise, timesteps); the data set itself uses --data-seed"),
     ("data_seed", 0, ANY_INT, "seed of the built-in shapes data set"),
-    ("device", "cuda" if torch.cuda.is_available() else "cpu", DEVICE, "device (default: cuda when available, else cpu)"),
+    ("device", best_device(), DEVICE, "device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default: auto)"),
     ("precision", "auto", ("auto", "bf16", "fp32"), "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, fp32 elsewhere"),
     ("compile", False, None, "wrap the model in torch.compile"),
     ("log_every", 50, POS_INT, "print a log line every N steps"),
@@ -794,7 +807,8 @@ def schedule_from(cfg):
 
 
 def resolve_precision(device, precision):
-    """auto -> bf16 on CUDA with bf16 support, fp32 elsewhere (on a CPU without native bf16, bf16 is ~15x slower)."""
+    """auto -> bf16 on CUDA with bf16 support, fp32 elsewhere (on a CPU without native bf16, bf16 is ~15x slower;
+    on Apple's mps, fp32)."""
     if precision == "auto":
         return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
     return precision
@@ -853,6 +867,8 @@ def check_config(cfg):
         raise UsageError("--channel-mult needs at least one level, such as 1,2,2")
     if cfg["cooldown"] and cfg["final_lr"] > cfg["lr"]:
         raise UsageError(f"--final-lr {cfg['final_lr']:g} is above --lr {cfg['lr']:g}: a cool-down lowers the rate")
+    if cfg["precision"] == "bf16" and torch.device(cfg["device"]).type == "mps":
+        raise UsageError("--precision bf16 is not supported on mps here: use fp32 (or auto)")
     if cfg["guide_at"] > cfg["steps"]:
         raise UsageError(f"--guide-at {cfg['guide_at']} is past the last step ({cfg['steps']}): no guide would be saved")
     check_data(cfg["data"])
@@ -1158,17 +1174,17 @@ def step_times(cfg, iters, sample_steps):
 
     first = []
 
+    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
+
     def timed(fn, n):
         t0 = time.time()
         fn()                                                       # warm-up (and compilation)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         first.append(time.time() - t0)
         t0 = time.time()
         for _ in range(n):
             fn()
-        if device.type == "cuda":
-            torch.cuda.synchronize()
+        sync()
         return (time.time() - t0) / n
 
     def train_step(loss):
@@ -1281,7 +1297,7 @@ def add_sampling_args(p):
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--batch", type=POS_INT, default=256, help="images per sampling call; each forward is chunked to "
                    "the device's efficient size (default: 256)")
-    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=DEVICE, default="auto", help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast precision (default: auto)")
 
 

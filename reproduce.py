@@ -1428,7 +1428,7 @@ def build_parser():
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (default), cpu-long (<= 60 min on 2 cores), "
                    "cifar10 (one GPU), smoke (seconds)")
     p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
-    p.add_argument("--device", type=DEVICE, default=None, help="device (default: cuda when available, else cpu)")
+    p.add_argument("--device", type=DEVICE, default=None, help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
     p.add_argument("--seeds", type=seeds_arg, default=None, metavar="K|S1,S2,..", help="run the whole pipeline once per "
                    "training seed (K: seeds 0..K-1), each in --out/seedS, and pool the verdicts over them (pooled.md)")
@@ -1445,7 +1445,7 @@ def build_parser():
                    "the projected wall time; train nothing")
     add_train_args(p, REPRODUCE_TRAIN_ARGS, override=True)
     p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
-    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device (default: cuda when available)")
+    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")
     p.add_argument("--out", default="gpu_check.json", help="the JSON of figures (default: gpu_check.json)")
     return parser

@@ -1052,3 +1052,23 @@ def test_a_cooled_down_run_resumes_only_to_its_configured_steps(tmp_path, capsys
     err = capsys.readouterr().err
     assert "continues only to the 4 steps it was configured with (--steps 4)" in err and err.count("\n") == 1
     assert pd.load_checkpoint(str(tmp_path / "run" / "ckpt.pt"))["step"] == 4
+
+
+@pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
+def test_device_auto_picks_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(pd, "mps_available", lambda: mps)
+    assert pd.DEVICE("auto") == expected and pd.best_device() == expected
+
+
+def test_mps_is_accepted_where_torch_has_it_and_refused_in_one_line_where_not(monkeypatch, capsys, tmp_path):
+    monkeypatch.setattr(pd, "mps_available", lambda: True)
+    assert pd.DEVICE("mps") == "mps"
+    monkeypatch.setattr(pd, "mps_available", lambda: False)
+    assert pd.main(["train", "--device", "mps", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert "MPS is not available on this machine" in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
+    monkeypatch.setattr(pd, "mps_available", lambda: True)
+    with pytest.raises(pd.UsageError, match="bf16 is not supported on mps"):
+        pd.check_config({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
+    assert pd.resolve_precision("mps", "auto") == "fp32"
