@@ -561,13 +561,15 @@ def heldout_split(y, seed):
 
 
 def stratified_order(y, seed):
-    """A seeded order of labels y in which every prefix holds each class in proportion (to within one image):
-    each class shuffled, its i-th of n_c images placed at (i + 1/2) / n_c of the way.  # (N,) -> (N,) indices"""
-    g, key = torch.Generator().manual_seed(seed), torch.empty(len(y), dtype=torch.float64)
-    for c in y.unique():
-        idx = (y == c).nonzero().flatten()
-        key[idx[torch.randperm(len(idx), generator=g)]] = (torch.arange(len(idx), dtype=torch.float64) + 0.5) / len(idx)
-    return torch.sort(key, stable=True).indices
+    """A seeded order of labels y in which every prefix holds each class in proportion (within about 1.5 images):
+    position k takes the class furthest behind k n_c / N, each class's images in a seeded random order."""
+    g, classes = torch.Generator().manual_seed(seed), y.unique().tolist()
+    pools = {c: (y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)].tolist() for c in classes}
+    n, order = {c: len(pools[c]) for c in classes}, []
+    for k in range(1, len(y) + 1):
+        c = max((c for c in classes if pools[c]), key=lambda c: k * n[c] / len(y) - (n[c] - len(pools[c])))
+        order.append(pools[c].pop())
+    return torch.tensor(order)
 
 
 def to_model_range(x_uint8):
