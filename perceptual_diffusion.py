@@ -469,10 +469,9 @@ def hsv(h, s, v):
 
 @functools.lru_cache(maxsize=4)
 def make_shapes(n, image_size=32, seed=0, chunk=1000):
-    """The built-in data set: 10 classes of simple coloured shapes (SHAPE_NAMES) at a random position and size
-    on a random two-colour gradient, bright on dark or dark on light, deterministic from `seed`. The masks are
-    rendered at 2x and averaged down, so edges are anti-aliased. Continuous random parameters: no small model memorises it.
-    Returns uint8 images (n, 3, H, W) and int64 labels (n,)."""
+    """The built-in data set: 10 classes of coloured shapes (SHAPE_NAMES), random position and size, on a random
+    two-colour gradient, bright on dark or dark on light, from `seed`; masks rendered at 2x and averaged down
+    (anti-aliased); continuous parameters, so no small model memorises it. -> uint8 (n, 3, H, W), int64 (n,)"""
     g = torch.Generator().manual_seed(seed)
     S = 2 * image_size
     grid = (torch.arange(S) + 0.5) / S * 2 - 1
@@ -601,15 +600,21 @@ def save_checkpoint(path, state):
 
 
 def load_checkpoint(path):
-    """Load with weights_only=True (a checkpoint never runs code); any failure is one clear line."""
+    """Load with weights_only=True (a checkpoint never runs code); any failure is one clear line. A checkpoint
+    with a PATH.sha256 beside it (the shipped models: `sha256sum -c` reads it too) must match that hash. Weights
+    stored in fp16 load into fp32 models as they are (load_state_dict casts)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
+    if os.path.isfile(path + ".sha256") and (hashlib.sha256(open(path, "rb").read()).hexdigest() !=
+                                             open(path + ".sha256").read().split()[0]):
+        raise UsageError(f"{path!r} does not match its sha256 in {path}.sha256: the file was changed or damaged; "
+                         "restore it (git checkout) or regenerate it")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
         raise UsageError(f"cannot read checkpoint {path!r} (truncated, corrupt or not a safe torch file): "
                          f"{str(e).strip().splitlines()[0][:200] if str(e).strip() else type(e).__name__}")
-    if not isinstance(ckpt, dict) or ckpt.get("kind") != CKPT_KIND or not {"config", "ema", "model"} <= ckpt.keys():
+    if not isinstance(ckpt, dict) or ckpt.get("kind") != CKPT_KIND or not {"config", "ema"} <= ckpt.keys():
         raise UsageError(f"{path!r} is not a checkpoint written by perceptual_diffusion.py")
     return ckpt
 
@@ -696,27 +701,21 @@ PROB = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 UNIT = ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
 
 
-def mps_available():
-    """Apple-silicon GPU (Metal) support in this torch on this machine."""
-    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
-
-
 def best_device():
-    """cuda if this machine has it, then mps (Apple silicon), then cpu."""
-    return "cuda" if torch.cuda.is_available() else "mps" if mps_available() else "cpu"
+    """cuda if this machine has it, then mps (Apple silicon's GPU), then cpu."""
+    return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
 
 
 def DEVICE(text):
     """A torch device this machine has: auto (best_device), cpu, cuda, cuda:1, mps."""
-    if text == "auto":
-        return best_device()
+    text = best_device() if text == "auto" else text
     try:
         dev = torch.device(text)
     except (RuntimeError, ValueError):
         raise argparse.ArgumentTypeError(f"must be auto or a torch device such as cpu, cuda or mps, got {text!r}")
     if dev.type not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"must be auto, cpu, cuda or mps, got {text!r}")
-    if (dev.type == "cuda" and not torch.cuda.is_available()) or (dev.type == "mps" and not mps_available()):
+    if not {"cpu": True, "cuda": torch.cuda.is_available(), "mps": torch.backends.mps.is_available()}[dev.type]:
         raise argparse.ArgumentTypeError(f"{dev.type.upper()} is not available on this machine (torch "
                                          f"{torch.__version__}), got {text!r}")
     return text
@@ -886,10 +885,12 @@ def check_same_arch(cfg, ckpt, path):
 
 
 def weights_hash(state):
-    """The identity of a set of weights: sha256 over the names and bytes of a state dict, 16 hex digits."""
+    """The identity of a set of weights: sha256 over the names and bytes of a state dict, 16 hex digits. Weights
+    are hashed as the fp32 model holds them, so fp16 weights on disk and the model loaded from them agree."""
     h = hashlib.sha256()
     for k in sorted(state):
-        h.update(k.encode() + state[k].detach().cpu().contiguous().numpy().tobytes())
+        v = state[k].detach().cpu()
+        h.update(k.encode() + (v.float() if v.is_floating_point() else v).contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
 
 
@@ -944,10 +945,9 @@ def save_samples(x, y, out, npz, nrow):
 
 
 def learning_rate(cfg, step):
-    """The rate of training step `step` (0-based), a function of the step alone so that a resume continues it:
-    linear warm-up, constant, then over the last `cooldown` fraction of the steps a 1 - sqrt decay that reaches
-    final_lr at the last step. (A cool-down matches a cosine schedule; without one, any later run at a lower rate
-    gains from the drop alone, which would be credited to whatever that run changed.)"""
+    """The rate of step `step` (0-based), a function of the step alone so a resume continues it: linear warm-up,
+    constant, then over the last `cooldown` fraction a 1 - sqrt decay to final_lr at the last step. (Without a
+    cool-down any later run at a lower rate gains from the drop alone, credited to whatever that run changed.)"""
     lr = cfg["lr"] * min(1.0, (step + 1) / max(cfg["warmup"], 1))
     n_cool = round(cfg["cooldown"] * cfg["steps"])
     start = cfg["steps"] - n_cool
@@ -979,15 +979,15 @@ def train(cfg, log=print):
     ckpt, step = None, 0
     if cfg["resume"]:
         ckpt = load_checkpoint(os.path.join(cfg["resume"], "ckpt.pt"))
-        if not {"optimizer", "step"} <= ckpt.keys():
+        if not {"model", "optimizer", "step"} <= ckpt.keys():
             raise UsageError(f"{cfg['resume']}/ckpt.pt has no optimizer state or step: it cannot be resumed")
         changed = {k for k, v in cfg.items() if k not in RESUMABLE_KEYS and k != "out" and v != TRAIN_DEFAULTS[k]
                    and v != ckpt["config"].get(k)}
         if changed:
             raise UsageError(f"--resume continues the run as it was configured; cannot change {', '.join(sorted(changed))}")
         if ckpt["config"].get("cooldown") and cfg["steps"] != ckpt["config"]["steps"]:
-            raise UsageError(f"--resume: {cfg['resume']} cools its rate down over its last steps; it continues only to "
-                             f"the {ckpt['config']['steps']} steps it was configured with (--steps {ckpt['config']['steps']}), not {cfg['steps']}")
+            raise UsageError(f"--resume: {cfg['resume']} cools its rate down; it continues only to the "
+                             f"{ckpt['config']['steps']} steps it was configured with (--steps {ckpt['config']['steps']})")
         cfg = {**TRAIN_DEFAULTS, **ckpt["config"], **{k: cfg[k] for k in RESUMABLE_KEYS}, "out": out}  # older runs lack newer keys
         step = ckpt["step"]
     writable_dir(out, "--resume" if cfg["resume"] else "--out")       # every rank, before any data is loaded or step taken
@@ -1132,10 +1132,9 @@ def train(cfg, log=print):
 
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
              batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf), guide=None):
-    """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the
-    null label num_classes samples the unconditional model that label dropout trained). The noise of sample i
-    does not depend on `batch`, so models are compared from the same x_T; the sampler chunks each forward to
-    the device's efficient size (max_forward_batch), so `batch` only bounds memory."""
+    """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the null
+    label num_classes: the unconditional model). Sample i's noise does not depend on `batch` (models are compared
+    from the same x_T); each forward is chunked to max_forward_batch, so `batch` only bounds memory."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
@@ -1153,17 +1152,13 @@ def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
 
 
 # =================================================================================================
-#                                   Benchmark: where the time goes
+#                  7. Command line: train, sample, and bench (where the time goes)
 # =================================================================================================
 
-GUIDANCE_INTERVAL = (0.28, 5.42)   # bench's example interval, in EDM sigma (not tuned for these models)
-
-
 def step_times(cfg, iters, sample_steps):
-    """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch of images
-    for sample_steps DDIM steps unguided, guided, and guided in cfg["cfg_interval"]; measured after a warm-up
-    (which includes compilation), on cfg's model flags, device and precision."""
-    cfg = {**TRAIN_DEFAULTS, "cfg_interval": GUIDANCE_INTERVAL, **cfg, "num_classes": 10}
+    """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch for
+    sample_steps DDIM steps, unguided and guided: after a warm-up (and compilation), on cfg's model and device."""
+    cfg = {**TRAIN_DEFAULTS, **cfg, "num_classes": 10}
     check_config(cfg)
     device, B, S = torch.device(cfg["device"]), cfg["batch_size"], cfg["image_size"]
     torch.manual_seed(0)
@@ -1200,25 +1195,22 @@ def step_times(cfg, iters, sample_steps):
             opt.zero_grad(set_to_none=True)
         return step
 
-    def sampler(w, interval=(0.0, math.inf)):
+    def sampler(w):
         def run():
             with amp:
-                sample(net, schedule, (B, 3, S, S), y, steps=sample_steps, cfg_scale=w, cfg_interval=interval)
+                sample(net, schedule, (B, 3, S, S), y, steps=sample_steps, cfg_scale=w)
         return run
 
     t = {"mse": timed(train_step("mse"), iters), "self-perceptual": timed(train_step("self-perceptual"), iters)}
     model.eval()
-    lo, hi = cfg["cfg_interval"]
-    t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), interval=timed(sampler(3.0, (lo, hi)), 1),
-             interval_guided_steps=sum(lo < edm_sigma(schedule.alpha_bar[k].item()) <= hi
-                                       for k in schedule.timesteps(sample_steps).tolist()),
-             params=sum(p.numel() for p in model.parameters()), cfg=cfg, first_step_seconds=first[0])
+    t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), cfg=cfg, first_step_seconds=first[0],
+             params=sum(p.numel() for p in model.parameters()))
     return t
 
 
 def bench(cfg, iters=5, log=print):
     """Parameter count, training images/s with each objective (and their ratio), and sampling images/s at
-    50 DDIM steps without guidance, with guidance, and with guidance in an interval."""
+    50 DDIM steps without and with guidance."""
     t = step_times(cfg, iters, 50)
     cfg, B = t["cfg"], t["cfg"]["batch_size"]
     res = {"params": t["params"], "device": cfg["device"], "batch": B, "precision": cfg["precision"],
@@ -1226,26 +1218,17 @@ def bench(cfg, iters=5, log=print):
            "train_img_s_self_perceptual": B / t["self-perceptual"], "self_perceptual_step_ratio": t["self-perceptual"] / t["mse"],
            "sample_img_s_50_steps": B / t["unguided"], "sample_img_s_50_steps_guided": B / t["guided"],
            "guided_step_ratio": t["guided"] / t["unguided"], "max_forward_batch": max_forward_batch(cfg["device"]),
-           "cfg_interval": list(cfg["cfg_interval"]), "cfg_interval_guided_steps": t["interval_guided_steps"],
-           "sample_img_s_50_steps_interval": B / t["interval"], "interval_step_ratio": t["interval"] / t["unguided"],
            "first_step_seconds": t["first_step_seconds"]}
-    lo, hi = cfg["cfg_interval"]
     log(f"model {res['params'] / 1e6:.2f}M parameters | {cfg['device']}, batch {B}, precision {cfg['precision']}, "
         f"{res['threads']} threads")
-    log(f"train  mse              {res['train_img_s_mse']:8.1f} img/s")
-    log(f"train  self-perceptual  {res['train_img_s_self_perceptual']:8.1f} img/s   "
-        f"(step cost {res['self_perceptual_step_ratio']:.2f}x mse)")
-    log(f"sample 50 steps         {res['sample_img_s_50_steps']:8.1f} img/s")
-    log(f"sample 50 steps, cfg    {res['sample_img_s_50_steps_guided']:8.1f} img/s   "
-        f"(step cost {res['guided_step_ratio']:.2f}x unguided; forwards chunked to {res['max_forward_batch']})")
-    log(f"sample 50 steps, cfg in ({lo:g}, {hi:g}] {res['sample_img_s_50_steps_interval']:8.1f} img/s   "
-        f"(guided at {t['interval_guided_steps']} of 50 steps; cost {res['interval_step_ratio']:.2f}x unguided)")
+    for what, key, extra in (("train  mse            ", "train_img_s_mse", ""), ("train  self-perceptual",
+                             "train_img_s_self_perceptual", f"(step cost {res['self_perceptual_step_ratio']:.2f}x mse)"),
+                             ("sample 50 steps       ", "sample_img_s_50_steps", ""), ("sample 50 steps, cfg  ",
+                             "sample_img_s_50_steps_guided", f"(step cost {res['guided_step_ratio']:.2f}x unguided; "
+                             f"forwards chunked to {res['max_forward_batch']})")):
+        log(f"{what} {res[key]:8.1f} img/s   {extra}".rstrip())
     return res
 
-
-# =================================================================================================
-#                                       7. Command line
-# =================================================================================================
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and exit code 2 (not a usage block)."""
@@ -1322,8 +1305,6 @@ def build_parser():
     add_train_args(p, {"image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
                        "batch_size", "device", "precision", "compile"})
     p.add_argument("--iters", type=POS_INT, default=5, help="timed training steps per objective (default: 5)")
-    p.add_argument("--cfg-interval", type=interval_arg, default=(0.28, 5.42), metavar="LO,HI",
-                   help="the guidance interval whose cost is reported, in EDM sigma (default: 0.28,5.42)")
     return parser
 
 
@@ -1349,9 +1330,8 @@ def load_for_sampling(args):
 
 
 def run_command(parser, argv, dispatch, needed):
-    """Parse argv and run dispatch(args) -> exit code (None: 0), each problem one line on stderr: a bad flag or
-    UsageError exit code 2 (before any work; under torchrun every rank stops alike), finished work whose end
-    failed (a write, a non-finite loss) 1, a stop (Ctrl-C, a signal) 130 with the last checkpoint kept."""
+    """Parse argv, run dispatch(args) -> exit code (None: 0); each problem is one line: a bad flag or UsageError 2
+    (before work; every torchrun rank alike), work whose end failed 1, a stop (Ctrl-C, a signal) 130."""
     sys.stdout.reconfigure(line_buffering=True)                    # progress lines appear as they happen
     try:
         args = parser.parse_args(argv)
@@ -1402,13 +1382,7 @@ def run_sample(args):
     print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
 
 
-def run_bench(args):
-    """`bench`: parameters and images/s for the model flags."""
-    cfg = vars(args).copy()
-    bench(cfg, cfg.pop("iters"))
-
-
-MOVED = ("reproduce", "evaluate", "gpucheck")                    # commands of reproduce.py
+MOVED = ("reproduce", "evaluate", "gpucheck", "pretrain")        # commands of reproduce.py
 
 
 def main(argv=None):
@@ -1417,7 +1391,7 @@ def main(argv=None):
     if argv and argv[0] in MOVED:
         print(f"error: {argv[0]} is a command of reproduce.py now: python reproduce.py {' '.join(argv)}", file=sys.stderr)
         return 2
-    commands = {"train": run_train, "sample": run_sample, "bench": run_bench}
+    commands = {"train": run_train, "sample": run_sample, "bench": lambda args: bench(vars(args), args.iters) and None}
     return run_command(build_parser(), argv, lambda args: commands[args.command](args),
                        "train, sample or bench (the paper's comparison: python reproduce.py)")
 

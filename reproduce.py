@@ -2,17 +2,21 @@
 The experiment beside perceptual_diffusion.py (the method): the measuring apparatus and the paper's comparison.
 
   7. evaluation: two rulers that share nothing, pixel statistics, 95% bootstrap intervals
-  8. the paper's comparison in one command: paired verdicts, unconditional rows, x0_hat, ablations, seeds
-  9. command line: reproduce (the default), evaluate, gpucheck
+  8. the paper's comparison in one command: paired verdicts, unconditional rows, x0_hat, ablations, seeds; the
+     shipped stage 1 (pretrained/) that the default run fine-tunes; the cost of a run, counted and timed
+  9. command line: reproduce (the default), evaluate, pretrain, gpucheck
 
 Run (the built-in `shapes` data needs no network):
-  python reproduce.py                                              # = reproduce --preset cpu (3-15 min, 2 CPU cores)
-  python reproduce.py reproduce --seeds 5               # verdicts about the method, pooled over 5 seeds
-  python reproduce.py reproduce --ablations             # + the paper's ablations (reuses finished stages)
-  python reproduce.py reproduce --preset cpu-long       # a stage 1 trained 5x longer (<= 60 min)
-  python reproduce.py reproduce --data FOLDER --estimate   # your data (class subfolders); the cost first
+  python reproduce.py                                    # = reproduce --preset cpu: fine-tunes the shipped stage 1
+  python reproduce.py reproduce --seeds 5                # verdicts about fine-tuning it, pooled over 5 seeds
+  python reproduce.py reproduce --preset cpu-long --seeds 5   # about the method: each seed trains its own stage 1
+  python reproduce.py reproduce --ablations              # + the paper's ablations (reuses finished stages)
+  python reproduce.py reproduce --data FOLDER --stage1 train --estimate   # your data (class subfolders); cost first
+  python reproduce.py reproduce --preset cifar10-quick --estimate        # FLOPs counted, GPU hours projected
+  python reproduce.py reproduce --preset cifar10-quick --print-commands 8   # the torchrun command of each stage
   python reproduce.py evaluate --ckpt runs/sp/ckpt.pt --n 1000
-  python reproduce.py gpucheck                          # every GPU path, timed
+  python reproduce.py pretrain                           # regenerate pretrained/ (about 2 h on one CPU core)
+  python reproduce.py gpucheck                           # every GPU path, timed; each GPU preset's hours
 """
 import argparse
 import functools
@@ -20,6 +24,7 @@ import hashlib
 import json
 import math
 import os
+import shlex
 import sys
 import time
 
@@ -30,11 +35,12 @@ import torch.nn.functional as F
 
 import perceptual_diffusion
 from perceptual_diffusion import (
-    ANY_INT, DEVICE, FOLDER_HELDOUT, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UsageError,
+    ANY_INT, DEVICE, FOLDER_HELDOUT, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UNet, UsageError,
     add_sampling_args, add_train_args, autocast, bench, check_config, distributed, generate, load_checkpoint,
-    load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, norm, ranged,
-    resolve_precision, schedule_from, step_times, to_model_range, to_uint8, run_command, train, weights_hash,
-    writable_dir, writable_file)
+    frozen_copy, load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, model_kwargs, norm,
+    objective, ranged,
+    resolve_precision, schedule_from, step_times, to_model_range, to_uint8, run_command, save_checkpoint, train,
+    weights_hash, writable_dir, writable_file)
 
 # =================================================================================================
 #     7. Evaluation: two rulers, pixel statistics, bootstrap intervals (Frechet distance, accuracy, FID)
@@ -193,15 +199,6 @@ def resampled_prdc(real, fake, w, k_pr=3, k_dc=5, chunk=64, near=32):
     return {**out, "recall": torch.cat(recall), "coverage": torch.cat(coverage)}
 
 
-def inception_score(logits, splits=10):
-    """IS = exp(E_x KL(p(y|x) || p(y))), the mean over `splits` parts (Salimans et al. 2016)."""
-    scores = []
-    for p in F.softmax(logits.double(), 1).chunk(splits):
-        kl = (p * (torch.log(p + 1e-12) - torch.log(p.mean(0, keepdim=True) + 1e-12))).sum(1).mean()
-        scores.append(kl.exp().item())
-    return float(np.mean(scores))
-
-
 class Classifier(nn.Module):
     """The offline ruler: a small CNN trained on the data set's training images. Its penultimate features give
     the Frechet distance, its logits the conditional accuracy of class-conditional samples."""
@@ -240,28 +237,6 @@ def train_classifier(images, labels, num_classes, steps, device, seed=0, log=pri
         if (step + 1) % 100 == 0:
             log(f"classifier step {step + 1}/{steps} | loss {loss.item():.4f}")
     return net.eval()
-
-
-class InceptionFeatures(nn.Module):
-    """torchvision's Inception-v3 (ImageNet weights): 2048-d pool features and the 1000 ImageNet logits, on images
-    resized to 299. NOT the TF-ported network of standard FID: compare these numbers only with each other."""
-
-    def __init__(self):
-        super().__init__()
-        from torchvision.models import Inception_V3_Weights, inception_v3
-        try:
-            self.net = inception_v3(weights=Inception_V3_Weights.IMAGENET1K_V1)
-        except Exception as e:
-            raise UsageError(f"Inception-v3 weights are not in the torch hub cache ({torch.hub.get_dir()}) and could "
-                             f"not be downloaded ({type(e).__name__}); use --features classifier offline")
-        self.fc, self.net.fc = self.net.fc, nn.Identity()
-        self.register_buffer("mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
-
-    def forward(self, x):
-        x = F.interpolate((x + 1) / 2, size=(299, 299), mode="bilinear", align_corners=False)
-        f = self.net((x - self.mean) / self.std)                   # (N, 2048)
-        return f, self.fc(f)
 
 
 class FIDInception(nn.Module):
@@ -387,10 +362,9 @@ def cache_path(data_dir, what, data, image_size, data_seed):
 
 class Ruler:
     """What every number is measured with: two feature networks that share nothing (the first: the classifier,
-    or Inception; the second: RandomFeatures), pixel statistics, and the statistics of `real_n` held-out real
-    images, with the protocol written down beside them. features="classifier" trains (or reuses, from its cache)
-    the small CNN; features="inception" needs torchvision's downloaded weights, "fid" the package pytorch-fid
-    (standard FID, against the whole training split's statistics). Every number comes with a 95%
+    or standard FID's Inception; the second: RandomFeatures), pixel statistics, and the statistics of `real_n`
+    held-out real images, with the protocol written down beside them. features="classifier" trains (or reuses,
+    from its cache) the small CNN; "fid" needs the package pytorch-fid (against the whole training split). Every number comes with a 95%
     bootstrap interval over the samples (the real statistics are held fixed: every row shares them)."""
 
     def __init__(self, features, data, data_dir, image_size, data_seed, real_n, device,
@@ -408,12 +382,10 @@ class Ruler:
             log(f"note: no held-out image of class(es) {', '.join(missing)}: the real statistics leave them out")
         if features == "classifier":
             net = self._classifier(data, data_dir, image_size, data_seed, len(names), classifier_steps, log)
-        elif features == "inception":
-            net = InceptionFeatures().to(device).eval()
         elif features == "fid":
             net = FIDInception().to(device).eval()
         else:
-            raise UsageError(f"--features must be classifier, inception or fid, got {features!r}")
+            raise UsageError(f"--features must be classifier or fid, got {features!r}")
         self.nets = {features: net, "random": RandomFeatures().to(device)}
         self.num_classes = len(names) if features == "classifier" else 0
         real = self.summarize(heldout[:real_n], heldout_y[:real_n])
@@ -436,6 +408,14 @@ class Ruler:
             self.protocol["classifier_accuracy_on_real"] = round(self.real_values.pop("cond_acc"), 4)
             log(f"ruler: {self.protocol['ruler']}, accuracy {self.protocol['classifier_accuracy_on_real']:.3f} on "
                 f"{real_n} held-out images")
+
+    def fd_protocol(self, n):
+        """The protocol of a Frechet distance of n samples here: network, n, reference set."""
+        net = {"classifier": "the classifier ruler's features", "fid": "pytorch-fid Inception pool3"}[self.features]
+        ref = ("the whole training split" if self.features == "fid" else
+               f"{self.real_n} {self.protocol['real_split']} images")
+        return f"{net}, {n} samples against {ref}" + (" (not the literature's 50,000-sample protocol)"
+                                                       if self.features == "fid" and n != 50_000 else "")
 
     def _classifier(self, data, data_dir, image_size, data_seed, num_classes, steps, log):
         """The classifier cached under data_dir for (data, image size, data seed, steps), else a newly trained one
@@ -530,9 +510,29 @@ class Ruler:
         out, boot = {}, {}
         for k, v in self.metrics(s, bootstrap_weights(len(x), resamples, seed)).items():
             out[k], out[k + "_ci"], boot[k] = float(v[0]), interval(v[0], v[1:]), v[1:]
-        if self.features == "inception":
-            out["is"] = inception_score(s["logits"])
         return out, boot
+
+
+STANDARD_FID = ("pytorch-fid Inception pool3, {n:,} samples against the whole training split: the protocol of "
+                "published CIFAR-10 FIDs, such as DDPM's 3.17")
+
+
+def standard_fid(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, seed=0, precision="auto",
+                 label=None, chunk=1000):
+    """FID by the protocol of published CIFAR-10 numbers: n samples (50,000) in the Inception features of
+    pytorch-fid against the statistics of the whole training split (ruler.real_stats["fid"]); the samples are
+    drawn and measured a chunk at a time, their mean and covariance accumulated in float64. No interval: the
+    literature's protocol has none, and the paired verdicts use the held-out comparison."""
+    total, outer, count = 0, 0, 0
+    for i in range(0, n, chunk):
+        x, _ = generate(model, schedule, min(chunk, n - i), steps, cfg_scale, cfg_rescale, seed=seed + i,
+                        precision=precision, label=label)
+        f, _ = extract(ruler.nets["fid"], x, ruler.device)
+        total, outer, count = total + f.sum(0), outer + f.T @ f, count + len(f)
+    mu = total / count
+    cov = (outer - count * torch.outer(mu, mu)) / (count - 1)
+    mu_r, cov_r, cov_r_half = ruler.real_stats["fid"]
+    return float(frechet_distances(mu[None].to(ruler.device), cov[None].to(ruler.device), mu_r, cov_r, cov_r_half)[0])
 
 
 def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing",
@@ -548,7 +548,7 @@ def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=
     res.update(samples=n, sampler="DDIM", steps=steps, eta=eta, spacing=spacing, cfg_scale=cfg_scale,
                cfg_rescale=cfg_rescale, seed=seed, sample_seconds=round(seconds, 1), bootstrap_resamples=resamples,
                guidance="auto" if guide is not None and cfg_scale != 1 else "cfg" if cfg_scale != 1 else "none",
-               **ruler.protocol)
+               fd_protocol=ruler.fd_protocol(n), **ruler.protocol)
     if label is not None:
         res["label"] = label
     return res, boot
@@ -558,38 +558,57 @@ def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=
 #                           8. The paper's comparison in one command
 # =================================================================================================
 
+STAGE2_STEPS_CPU = 600    # the default run's stage 2 and control (1.5x the earlier 400), sized to its budget (README, Cost)
 PRESETS = {
-    # The default run, sized for the slowest 2-core CPU measured (AVX2, no native bf16: README, Speed): shapes at
+    # The default run, sized for the slowest 2-core CPU measured (AVX2, no native bf16: README, Cost): shapes at
     # 16 pixels, a 0.69M-parameter UNet (16 base channels, most of its width at low resolution, where it is
-    # cheap), batch 32, fp32 (bf16 autocast ran convolutions 15x SLOWER there,
-    # and fp32 gives the same table on every machine), the paper's beta schedule. Stage 1 is short, so it is
-    # not converged: the table says so, and `cpu-long` trains it longer.
+    # cheap), batch 32, fp32 (bf16 autocast ran convolutions 15x SLOWER there), the paper's beta schedule. Stage 1
+    # is the shipped model (pretrained/: this preset's stage 1 trained 50,000 steps), fine-tuned as the paper
+    # fine-tunes a pretrained model; --stage1 train trains a 2,000-step one instead (it draws blobs).
     "cpu": dict(train=dict(data="shapes", image_size=16, channels=16, channel_mult="1,2,4", attn_res="4",
                            betas="scaled_linear", precision="fp32", batch_size=32, lr=2e-3, warmup=50, ema_decay=0.995,
                            log_every=250, sample_every=0, ckpt_every=250),
-                stage1_steps=2000, stage2_steps=400, stage2_lr=5e-4, cooldown=0.2, features="classifier",
+                stage1="shipped", stage1_steps=2000, stage2_steps=STAGE2_STEPS_CPU, stage2_lr=5e-4, cooldown=0.2,
+                features="classifier",
                 classifier_steps=CLASSIFIER_STEPS,
                 real_n=2000, eval_n=600, sweep_n=150, sweep_scales=[1.5, 2.0, 3.0], cfg_rescale=0.7,
                 eval_steps=16, picture_per_class=3, resamples=1000, x0_n=500, x0_show=4),
-    # The recipe for a real run on one GPU. Its cost has not been measured in this repository (see README).
-    "cifar10": dict(train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
+    # DDPM's CIFAR-10 recipe (Ho et al. 2020: 35.7M parameters, batch 128, lr 2e-4, warm-up 5,000, EMA 0.9999,
+    # dropout 0.1, 400k steps) as stage 1, with stage 2 and the control 50k steps each: 2.5e18 FLOPs counted, about
+    # 5.4 h on one GPU at ASSUMPTION (`reproduce --preset cifar10 --estimate`). Standard FID (50,000 samples
+    # against the training set) for rows 1-4 beside the held-out comparison.
+    "cifar10": dict(target="gpu", fid_protocol="standard", fid_n=50_000, train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
                                dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, log_every=500,
                                sample_every=10000, ckpt_every=5000),
-                    stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, cooldown=0.2, features="fid",
+                    stage1="train", stage1_steps=400_000, stage2_steps=50_000, stage2_lr=2e-5, cooldown=0.2, features="fid",
                     classifier_steps=CLASSIFIER_STEPS, real_n=10000, eval_n=10000, sweep_n=2000, sweep_scales=[1.5, 2.0, 3.0],
                     cfg_rescale=0.7, eval_steps=50, picture_per_class=2, resamples=200, x0_n=1000, x0_show=4),
     # A seconds-long pass through every stage: checks the pipeline, measures nothing.
     "smoke": dict(train=dict(data="shapes", image_size=16, channels=8, channel_mult="1,2", attn_res="", precision="fp32",
                              batch_size=8, lr=1e-3, warmup=1, ema_decay=0.9, log_every=1, sample_every=0, ckpt_every=100),
-                  stage1_steps=2, stage2_steps=1, stage2_lr=1e-3, cooldown=0.5, features="classifier", classifier_steps=1,
+                  stage1="train", stage1_steps=2, stage2_steps=1, stage2_lr=1e-3, cooldown=0.5, features="classifier", classifier_steps=1,
                   real_n=40, eval_n=20, sweep_n=10, sweep_scales=[2.0, 3.0], cfg_rescale=0.7, eval_steps=2,
                   picture_per_class=1, resamples=50, x0_n=20, x0_show=2),
 }
 
-# The cpu preset with a stage 1 five times longer; <= 60 minutes on the same 2 cores. Its EMA half-life is 7% of
-# stage 1 in both (0.995: 138 steps of 2,000; 0.999: 693 of 10,000).
-PRESETS["cpu-long"] = {**PRESETS["cpu"], "stage1_steps": 10000,
+# The method over stage-1 seeds: the cpu preset training its own stage 1, five times longer (10,000 steps, <= 60
+# minutes on the same 2 cores), and the stage 2 of the earlier default (400 steps). Its EMA half-life is 7% of
+# stage 1 (0.999: 693 steps of 10,000).
+PRESETS["cpu-long"] = {**PRESETS["cpu"], "stage1": "train", "stage1_steps": 10000, "stage2_steps": 400,
                        "train": {**PRESETS["cpu"]["train"], "ema_decay": 0.999, "log_every": 500, "ckpt_every": 500}}
+
+# The cifar10 recipe at half the channel width (64: 8.95M parameters, a quarter of the FLOPs), everything else as
+# DDPM's: 6.3e17 training FLOPs, about 1.6 h on one A100-class GPU at ASSUMPTION with its evaluation.
+PRESETS["cifar10-quick"] = {**PRESETS["cifar10"], "train": {**PRESETS["cifar10"]["train"], "channels": 64}}
+
+# The shipped stage 1 (`python reproduce.py pretrain` regenerates it): the cpu preset's stage 1 trained 50,000
+# steps with EMA 0.9995 (half-life 1,386 steps), its weights and guide stored in fp16 with a sha256 each.
+PRETRAINED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "pretrained")
+PRETRAINED = {"mse": os.path.join(PRETRAINED_DIR, "shapes16-mse.pt"), "guide": os.path.join(PRETRAINED_DIR, "shapes16-guide.pt"),
+              "card": os.path.join(PRETRAINED_DIR, "shapes16.json")}
+PRETRAIN_STEPS, PRETRAIN_EMA = 50_000, 0.9995
+SHIPPED_KEYS = ["data", "data_seed", "image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
+                "T", "betas", "unconditional"]   # what a run must share with the shipped model to start from it
 
 ROWS = [  # (row, name, which trained model, how it is sampled: "cond" unguided, "cfg" classifier-free guidance,
     #        "null" null label, "auto" / "auto-null" autoguidance with the label / with the null label)
@@ -810,48 +829,118 @@ def preset_settings(preset, overrides, **run):
     if preset not in PRESETS:
         raise UsageError(f"--preset must be one of {', '.join(PRESETS)}, got {preset!r}")
     p = {**PRESETS[preset], **{k: v for k, v in overrides.items() if v is not None and k != "train"}}
+    if p.get("fid_protocol", "heldout") not in ("heldout", "standard"):
+        raise UsageError(f"--fid-protocol must be heldout or standard, got {p['fid_protocol']!r}")
+    if p.get("fid_protocol") == "standard" and p["features"] != "fid":
+        raise UsageError("--fid-protocol standard measures FID in pytorch-fid's Inception features: it needs a preset "
+                         "whose first ruler is fid (cifar10, cifar10-quick)")
+    p.setdefault("fid_n", 50_000)
+    for flag in ("stage1_steps", "cooldown"):
+        if p["stage1"] == "shipped" and overrides.get(flag) is not None:
+            raise UsageError(f"--{flag.replace('_', '-')} shapes a trained stage 1; the shipped one is used: add "
+                             "--stage1 train")
     p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v is not None and v is not False},
                   **run}
     check_config({**TRAIN_DEFAULTS, **p["train"]})
     return p
 
 
+def stage1_settings(p):
+    """Stage 1's own flags: MSE for the preset's stage-1 steps, cooled down to stage 2's rate, with the EMA at 1/8
+    of its steps saved as the autoguidance guide."""
+    return dict(loss="mse", steps=p["stage1_steps"], cooldown=p["cooldown"], final_lr=p["stage2_lr"],
+                guide_at=max(1, p["stage1_steps"] // 8))
+
+
+def shipped_stage1(base):
+    """The shipped stage-1 checkpoint (its sha256 checked), if the run asks for its data and model: else one line."""
+    ckpt = load_checkpoint(PRETRAINED["mse"])
+    want = {**TRAIN_DEFAULTS, **base}
+    other = [f"--{k.replace('_', '-')} {want[k]} (shipped: {ckpt['config'][k]})" for k in SHIPPED_KEYS
+             if ckpt["config"].get(k) != want[k]]
+    if other:
+        raise UsageError(f"the shipped stage 1 has another data set or model than this run asks for: {'; '.join(other)}."
+                         " Add --stage1 train to train a stage 1 for it")
+    return ckpt
+
+
+def plan(p, out, stage1_dir, stage1_seed=None, ablations=False):
+    """What a run of preset settings p trains: (stage-1 checkpoint, its guide, [(key, stage flags with their
+    folder)]): stage 1 (unless shipped), stage 2 and the control from it, the ablations if asked."""
+    shipped = p["stage1"] == "shipped"
+    stage1, guide = ((PRETRAINED["mse"], PRETRAINED["guide"]) if shipped else
+                     (os.path.join(stage1_dir, "ckpt.pt"), os.path.join(stage1_dir, "guide.pt")))
+    s2 = dict(steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1)
+    stages = ([] if shipped else [("mse", {**stage1_settings(p), "out": stage1_dir,
+                                           **({} if stage1_seed is None else {"seed": stage1_seed})})])
+    stages += [(key, {"loss": loss, **s2, **variant, "out": os.path.join(out, key)}) for key, loss, variant in
+               [("self-perceptual", "self-perceptual", {}), ("mse-continued", "mse", {})] +
+               [(f"sp-{k}", "self-perceptual", v) for k, _, v in (ABLATIONS if ablations else [])]]
+    return stage1, guide, stages
+
+
+def print_commands(preset, nproc, out, seed=0, device=None, ablations=False, log=print, **overrides):
+    """The multi-GPU route, from the preset itself: the exact torchrun command of each training stage (data
+    parallel on nproc ranks; rank 0 prepares the data and writes the checkpoints), then the reproduce command
+    that finds them finished, reuses them and evaluates every row in one process."""
+    p = preset_settings(preset, overrides, seed=seed, device=device or TRAIN_DEFAULTS["device"])
+    if p["stage1"] == "shipped":
+        shipped_stage1(p["train"])
+    _, _, stages = plan(p, out, os.path.join(out, "mse"), ablations=ablations)
+    flag = lambda k, v: f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
+    lines = []
+    for key, stage in stages:
+        cfg = {**TRAIN_DEFAULTS, **p["train"], **stage}
+        lines.append(f"torchrun --standalone --nproc_per_node={nproc} perceptual_diffusion.py train " + " ".join(
+            flag(k, v) for k, v in cfg.items() if k in TRAIN_DEFAULTS and v != TRAIN_DEFAULTS[k] and v is not False))
+    again = {"preset": preset, "out": out, "seed": seed, **{k: v for k, v in overrides.items() if k != "train"},
+             **(overrides.get("train") or {}), "device": device, "ablations": ablations}
+    lines.append("python reproduce.py reproduce " + " ".join(flag(k, v) for k, v in again.items()
+                                                          if v is not None and v is not False))
+    for line in lines:
+        log(line)
+    return lines
+
+
 def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print, ablations=False, stage1_out=None,
               stage1_seed=None, **overrides):
-    """Stage 1 (MSE, cooled down to stage 2's rate, saving an early EMA snapshot as the autoguidance guide), stage 2
-    (self-perceptual from stage 1), and the fair control (MSE continued for as many steps as stage 2) from the
-    same stage-1 weights; then the rows of ROWS, each sampled with the same sampler, seeds, initial noise and
-    number of samples, and measured with the same two rulers; the paired verdicts of PAIRS; the x0_hat study.
-    With ablations, one more stage-2 run per entry of ABLATIONS. stage1_out, stage1_seed: the folder and seed
-    of a shared stage 1 (default: out, seed). Writes results.md, results.json, comparison.png, x0_hat.png (and ablations.md, .json) under
-    `out`. Every verdict here rests on one training run of each stage: see reproduce_seeds for the method."""
+    """Stage 1 (MSE, cooled down to stage 2's rate, saving an early EMA snapshot as the autoguidance guide; or,
+    where the preset says stage1="shipped", the shipped pretrained model and its guide, as the paper fine-tunes a
+    pretrained model), stage 2 (self-perceptual from stage 1), and the fair control (MSE continued for as many
+    steps as stage 2) from the same stage-1 weights; then the rows of ROWS, each sampled with the same sampler,
+    seeds, initial noise and number of samples, and measured with the same two rulers; the paired verdicts of
+    PAIRS; the x0_hat study; with fid_protocol="standard", the literature's FID of rows 1-4. With ablations, one
+    more stage-2 run per entry of ABLATIONS. stage1_out, stage1_seed: the folder and seed of a shared stage 1
+    (default: out, seed). Writes results.md, results.json, comparison.png, x0_hat.png, guidance_tradeoff.png
+    (and ablations.md, .json) under `out`. Every verdict here rests on one training run of each stage: see
+    reproduce_seeds for verdicts over seeds."""
     if distributed()[1] > 1:
         raise UsageError("reproduce runs in one process; under torchrun, run the `train` stages instead")
     p = preset_settings(preset, overrides, seed=seed, device=device or TRAIN_DEFAULTS["device"])
     base = p["train"]
     writable_dir(out, "--out")
+    shipped = shipped_stage1(base) if p["stage1"] == "shipped" else None   # checked before any work
     t_start = time.time()
     stage1_dir = os.path.join(stage1_out or out, "mse")
-    stage1 = os.path.join(stage1_dir, "ckpt.pt")
-    s2 = dict(steps=p["stage2_steps"], lr=p["stage2_lr"], init=stage1)
-    stages = [("mse", dict(loss="mse", steps=p["stage1_steps"], cooldown=p["cooldown"], final_lr=p["stage2_lr"],
-                           guide_at=max(1, p["stage1_steps"] // 8), **({} if stage1_seed is None else {"seed": stage1_seed}))),
-              ("self-perceptual", dict(loss="self-perceptual", **s2)), ("mse-continued", dict(loss="mse", **s2))]
-    if ablations:
-        stages += [(f"sp-{key}", dict(loss="self-perceptual", **s2, **variant)) for key, _, variant in ABLATIONS]
+    stage1, guide_path, stages = plan(p, out, stage1_dir, stage1_seed, ablations)
     models, stats, origin = {}, {}, None
+    if shipped:
+        log(f"== stage 1: the shipped model {stage1} ({shipped['total_steps']} steps; no training) ==")
+        models["mse"] = model_from_checkpoint(shipped).to(base["device"]).eval()
+        stats["mse"] = {"config": shipped["config"], "total_steps": shipped["total_steps"], "reused": True,
+                        "train_seconds": shipped.get("train_seconds", 0.0)}
+        origin = {"init_steps": shipped["total_steps"], "init_hash": weights_hash(models["mse"].state_dict())}
     for i, (key, stage) in enumerate(stages):
         log(f"== stage {i + 1}/{len(stages)}: {key} ({stage['steps']} steps) ==")
-        models[key], stats[key] = run_stage({**base, **stage, "out": stage1_dir if key == "mse" else os.path.join(out, key)},
-                                            log=lambda s, k=key: log(f"[{k}] {s}"), origin=origin)
+        models[key], stats[key] = run_stage({**base, **stage}, log=lambda s, k=key: log(f"[{k}] {s}"), origin=origin)
         models[key].eval()
         if key == "mse":                                           # what every stage 2 starts from
             origin = {"init_steps": stats[key]["total_steps"], "init_hash": weights_hash(models[key].state_dict())}
     cfg = stats["mse"]["config"]
-    if not os.path.isfile(os.path.join(stage1_dir, "guide.pt")):
+    if not os.path.isfile(guide_path):
         raise UsageError(f"{stage1_dir} holds a stage 1 without guide.pt (trained before autoguidance): remove that "
                          "folder or use another --out")
-    guide = model_from_checkpoint(load_checkpoint(os.path.join(stage1_dir, "guide.pt"))).to(base["device"]).eval()
+    guide = model_from_checkpoint(load_checkpoint(guide_path)).to(base["device"]).eval()
     schedule = schedule_from(cfg)
     dev = torch.device(base["device"])
     log("== evaluation: building the rulers ==")
@@ -897,14 +986,21 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                                  label=label, guide=guide if mode.startswith("auto") else None, **ev)
         r.update(row=row, name=name, model=key, mode=mode, loss=stats[key]["config"]["loss"],
                  train_steps=stats[key]["total_steps"], train_seconds=round(stats[key]["train_seconds"], 1))
-        log(f"row {row} {name}: Frechet distance {r['fd']:.3f} {fmt_ci(r['fd_ci'])}, random features "
-            f"{r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])}")
+        log(f"row {row} {name}: Frechet distance {r['fd']:.3f} {fmt_ci(r['fd_ci'])} ({r['fd_protocol']}), random "
+            f"features {r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])}")
         return r, boot
 
     rows, boots = {}, {}
     for spec in ROWS:
         rows[spec[0]], boots[spec[0]] = evaluate_row(*spec)
     verdicts = [verdict(a, b, what, rows, boots) for a, b, what in PAIRS]
+    fid = {}
+    if p.get("fid_protocol") == "standard":                        # the literature's FID for rows 1-4
+        for row, name, key, mode in ROWS[:4]:
+            w, phi = guided.get(row, (1.0, 0.0))
+            fid[row] = standard_fid(models[key], schedule, ruler, p["fid_n"], p["eval_steps"], w, phi, seed + 2,
+                                    cfg["precision"])
+            log(f"row {row} {name}: FID {fid[row]:.2f} ({STANDARD_FID.format(n=p['fid_n'])})")
     comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guided,
                        os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"],
                        ruler.class_names)
@@ -912,14 +1008,14 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                               p["x0_n"], p["x0_show"], os.path.join(out, "x0_hat.png"), cfg["precision"], seed,
                               p["resamples"])
     result = {"preset": preset, "settings": {k: v for k, v in p.items() if k != "train"}, "train": base,
-              "stage1": stage1, "guide": os.path.join(stage1_dir, "guide.pt"),
+              "stage1": stage1, "guide": guide_path, "stage1_source": "shipped" if shipped else "trained",
               "guidance_sweep": sweeps["cfg"], "guidance": list(guidance["cfg"]), "autoguidance_sweep": sweeps["auto"],
               "autoguidance": list(guidance["auto"]), "sp_guidance_sweep": sweeps["cfg-sp"],
               "sp_guidance": list(guidance["cfg-sp"]),
               "prdc_ceiling": ruler.prdc_ceiling(p["eval_n"]), "sweep_prdc_ceiling": ruler.prdc_ceiling(p["sweep_n"]),
               "rows": list(rows.values()), "verdicts": verdicts,
               "x0_hat": x0_numbers, "x0_hat_images": x0_images, "real": ruler.real_values, "protocol": ruler.protocol,
-              "notes": notes,
+              "notes": notes, "standard_fid": fid, "standard_fid_protocol": STANDARD_FID.format(n=p.get("fid_n", 0)) if fid else None,
               "stage_hashes": {k: weights_hash(models[k].state_dict()) for k in models},
               "reused_stages": [k for k in stats if stats[k].get("reused")],
               "device": str(dev), "torch_threads": torch.get_num_threads()}
@@ -942,12 +1038,81 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     return result
 
 
+def machine():
+    """This machine in words: CPU model and vector extensions (they change fp32 results and speed), cores, the
+    torch threads, and the GPU if one is used."""
+    import platform
+    name, flags = platform.processor() or platform.machine(), ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            info = f.read()
+        name = next(l.split(":", 1)[1].strip() for l in info.splitlines() if l.startswith("model name"))
+        flags = " ".join(x for x in ("avx2", "avx512f", "avx512_bf16", "amx_bf16") if f" {x}" in info)
+    except (OSError, StopIteration):
+        pass
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return f"{name} ({flags or 'flags unknown'}), {os.cpu_count()} cores, {torch.get_num_threads()} torch threads{gpu}"
+
+
+def pretrain(out="runs/pretrain", dest=PRETRAINED_DIR, device="cpu", log=print):
+    """Regenerate the shipped stage 1: the cpu preset's stage 1 trained PRETRAIN_STEPS steps with EMA PRETRAIN_EMA
+    (a finished run in out/mse is reused, an interrupted one resumed); its EMA weights and its guide (the EMA at
+    1/8 of the steps) written to `dest` in fp16, each with a sha256 that load_checkpoint checks; and its card
+    (shapes16.json): provenance, and the default run's measurement of it (row 1: unguided samples, the classifier
+    ruler) for the fp16 weights as shipped and for the fp32 ones they were rounded from."""
+    import importlib.metadata as md
+    p = preset_settings("cpu", {"stage1": "train", "stage1_steps": PRETRAIN_STEPS, "train": {"ema_decay": PRETRAIN_EMA}},
+                        seed=0, device=device)
+    cfg = {**TRAIN_DEFAULTS, **p["train"], **stage1_settings(p), "out": os.path.join(out, "mse")}
+    writable_dir(dest, "--dest")
+    run_stage(cfg, log)
+    run = {k: load_checkpoint(os.path.join(out, "mse", f"{k}.pt")) for k in ("ckpt", "guide")}
+    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k in TRAIN_DEFAULTS and v != TRAIN_DEFAULTS[k]
+                     and k not in BOOKKEEPING_KEYS | {"data_dir"} and not isinstance(v, bool))
+    provenance = {"command": "python reproduce.py pretrain", "same as": f"python perceptual_diffusion.py train {flags}",
+                  "steps": run["ckpt"]["step"], "guide_step": run["guide"]["step"], "data_seed": cfg["data_seed"],
+                  "train_seconds": round(run["ckpt"].get("train_seconds", 0.0)), "machine": machine(),
+                  "packages": {m: md.version(m) for m in ("torch", "torchvision", "numpy", "pillow")},
+                  "python": sys.version.split()[0], "stored": "EMA weights in fp16 (loaded as fp32)"}
+    paths = {k: os.path.join(dest, os.path.basename(PRETRAINED[k])) for k in PRETRAINED}
+    for key, c in (("mse", run["ckpt"]), ("guide", run["guide"])):
+        save_checkpoint(paths[key], {"config": c["config"], "ema": {k: v.half() for k, v in c["ema"].items()},
+                                     "step": c["step"], "total_steps": c.get("total_steps", c["step"]),
+                                     "train_seconds": c.get("train_seconds", 0.0), "provenance": provenance})
+        with open(paths[key], "rb") as f:
+            digest = hashlib.sha256(f.read()).hexdigest()
+        with open(paths[key] + ".sha256", "w") as f:
+            f.write(f"{digest}  {os.path.basename(paths[key])}\n")
+    # The shipped model measured exactly as the default run measures its row 1.
+    c = run["ckpt"]["config"]
+    ruler = Ruler(p["features"], c["data"], c["data_dir"], c["image_size"], c["data_seed"], p["real_n"],
+                  torch.device(device), classifier_steps=p["classifier_steps"], log=log)
+    measured = {}
+    for name, ckpt in (("shipped_fp16", load_checkpoint(paths["mse"])), ("fp32", run["ckpt"])):
+        r, _ = evaluate_model(model_from_checkpoint(ckpt).to(device).eval(), schedule_from(c), ruler, p["eval_n"],
+                              p["eval_steps"], seed=0, precision=c["precision"], resamples=p["resamples"])
+        measured[name] = {k: r[k] for k in ("cond_acc", "cond_acc_ci", "fd", "fd_ci", "fd_random", "fd_random_ci",
+                                            "kid", "kid_ci", "precision", "recall", "samples", "steps", "features")}
+        log(f"{name}: conditional accuracy {r['cond_acc']:.3f} {fmt_ci(r['cond_acc_ci'])}, Frechet distance "
+            f"{r['fd']:.3f} {fmt_ci(r['fd_ci'])} ({p['eval_n']} unguided samples, {p['eval_steps']} steps, seed 0)")
+    card = {"provenance": provenance, "files": {os.path.basename(v): open(v + ".sha256").read().split()[0]
+                                                for k, v in paths.items() if k != "card"},
+            "measured": measured, "protocol": ruler.protocol}
+    write_outputs(dest, {os.path.basename(paths["card"]): json.dumps(card, indent=1)}, log)
+    log(f"wrote {paths['mse']}, {paths['guide']} (each with its .sha256) and {paths['card']}")
+    return card
+
+
 def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, ablations=False, **overrides):
     """The comparison as a claim about the method: the whole pipeline once per training seed, each in out/seedS
     (a finished seed is reused, an interrupted one resumed), then verdicts pooled over the seeds (pooled_verdicts).
     stage2_seeds = J > 0 adds J runs that share seed 0's stage 1 (out/seed0) with their own stage-2, control and
     sampling seeds (1000 + j, or above the largest training seed), so that the spread between seeds splits into its sources (variance_sources).
     Writes pooled.md and pooled.json under `out`."""
+    shipped = preset_settings(preset, overrides)["stage1"] == "shipped"
+    if shipped and stage2_seeds:
+        raise UsageError("--stage2-seeds: with the shipped stage 1 every seed already shares one stage 1 (add "
+                         "--stage1 train to split the spread between stage-1 and stage-2 seeds)")
     writable_dir(out, "--out")
     runs, results = seed_runs(out, seeds, stage2_seeds), {}
     for name, seed, stage1_out, stage1_seed in runs:
@@ -963,7 +1128,7 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
     full = [results[f"seed{s}"] for s in seeds]
     shared = [full[0]] + [r for n, r in results.items() if "-stage2-" in n]
     rows = pooled_rows(full)
-    pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds,
+    pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds, "stage1_source": full[0]["stage1_source"],
               "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
               "sources": variance_sources(rows, pooled_rows(shared)) if stage2_seeds else None}
     write_outputs(out, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
@@ -991,8 +1156,7 @@ def finished_result(sub, preset, seed, overrides, ablations=False):
         same = (res["preset"] == preset and res["train"]["seed"] == seed and
                 res["settings"] == json.loads(json.dumps({k: v for k, v in p.items() if k != "train"})) and
                 all(res["train"][k] == v for k, v in p["train"].items()))
-        hashes = {k: weights_hash(load_checkpoint(os.path.join(os.path.dirname(res["stage1"]) if k == "mse" else
-                                                               os.path.join(sub, k), "ckpt.pt"))["ema"])
+        hashes = {k: weights_hash(load_checkpoint(res["stage1"] if k == "mse" else os.path.join(sub, k, "ckpt.pt"))["ema"])
                   for k in res["stage_hashes"]}
         return res if same and hashes == res["stage_hashes"] and (not ablations or "ablations" in res) else None
     except (OSError, ValueError, KeyError, UsageError):
@@ -1094,7 +1258,11 @@ def variance_sources(a, b):
 def pooled_markdown(pooled):
     """The pooled verdicts, each with its interval over seeds and k of K, the rows over seeds, and the sources."""
     K = len(pooled["seeds"])
-    lines = [f"Verdicts about the method: {K} full-pipeline training seeds ({', '.join(map(str, pooled['seeds']))}), "
+    about = ("Verdicts about fine-tuning one model (the paper's situation), not about the method over stage-1 "
+             f"seeds: every seed fine-tunes the shipped stage 1, so only the stage-2 and sampling seeds vary ({K}: "
+             if pooled.get("stage1_source") == "shipped" else
+             f"Verdicts about the method: {K} full-pipeline training seeds (")
+    lines = [f"{about}{', '.join(map(str, pooled['seeds']))}), "
              f"{pooled['samples_per_row']} samples per row and seed. Estimate: the mean over seeds of the paired "
              f"difference row a - row b; interval: 95% t interval over the seeds (it includes the variance between "
              "training runs and the sampling variance); a verdict is called only when it excludes 0; 'k of K': the "
@@ -1177,16 +1345,18 @@ def results_markdown(res):
     """The results tables with their intervals and protocol, and what they say about the paper's ordering."""
     rows, proto, real = res["rows"], res["protocol"], res["real"]
     first = proto["features"]
-    second = "IS" if first == "inception" else "cond. accuracy"
     c = cell
     lines = [f"| row | model | sampled | train steps | Frechet distance ({first}) | Frechet distance (random features) | "
-             f"KID ({first}) | KID (random features) | {second} | class entropy | rarest class | sampling s |",
+             f"KID ({first}) | KID (random features) | cond. accuracy | class entropy | rarest class | sampling s |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"Frechet distance ({first}): {rows[0]['fd_protocol']}." if "fd_protocol" in rows[0] else "", ""] + lines
+    if res.get("standard_fid"):
+        lines = [f"FID by the standard protocol ({res['standard_fid_protocol']}): " + ", ".join(
+            f"row {k} {v:.2f}" for k, v in res["standard_fid"].items()) + ".", ""] + lines
     for r in rows:
         how = {"cond": "no guidance", "null": "null label, no guidance"}.get(r["mode"], f"w={r['cfg_scale']:g}, phi={r['cfg_rescale']:g}")
-        snd = f"{r['is']:.2f}" if "is" in r else c(r, "cond_acc")
         lines.append(f"| {r['row']} | {r['name']} | {how} | {r['train_steps']} | {c(r, 'fd')} | {c(r, 'fd_random')} | "
-                     f"{c(r, 'kid')} | {c(r, 'kid_random')} | {snd} | {c(r, 'class_entropy')} | {c(r, 'rarest_class')} | "
+                     f"{c(r, 'kid')} | {c(r, 'kid_random')} | {c(r, 'cond_acc')} | {c(r, 'class_entropy')} | {c(r, 'rarest_class')} | "
                      f"{r['sample_seconds']} |")
     if "class_entropy" in real:
         lines.append(f"| - | real images | - | - | - | - | - | - | - | {real['class_entropy']:.3f} | {real['rarest_class']:.3f} | - |")
@@ -1302,37 +1472,100 @@ def ablations_markdown(res):
     return "\n".join(lines + verdict_lines([v for a in res["ablations"] for v in a["verdicts"]])) + "\n"
 
 
+# Where nothing was measured, time is projected from counted FLOPs at this stated assumption (a GPU's measured
+# throughput replaces it: gpucheck).
+ASSUMED_FLOP_S, ASSUMPTION = 0.4 * 312e12, "40% of an A100's dense bf16 peak (312 TFLOP/s)"
+
+
+@functools.lru_cache(maxsize=None)
+def _flops(arch):
+    from torch.utils.flop_counter import FlopCounterMode
+    cfg = {**TRAIN_DEFAULTS, **dict(arch), "num_classes": 10}
+    torch.manual_seed(0)
+    model = UNet(**model_kwargs(cfg))
+    f_star, schedule, B, S = frozen_copy(model), schedule_from(cfg), 2, cfg["image_size"]
+    x0, y, out = torch.randn(B, 3, S, S), torch.randint(0, 10, (B,)), {}
+    for loss in ("mse", "self-perceptual"):
+        with FlopCounterMode(display=False) as fc:
+            objective(loss, model, f_star, schedule)(x0, y).backward()
+        out[loss] = fc.get_total_flops() / B
+    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+        model(x0, torch.zeros(B, dtype=torch.long), y)
+    return {**out, "forward": fc.get_total_flops() / B, "params": sum(p.numel() for p in model.parameters())}
+
+
+ARCH_FLAGS = ["image_size", "channels", "channel_mult", "num_res_blocks", "attn_res"]   # what FLOPs depend on
+
+
+def count_flops(train_cfg):
+    """FLOPs per image (2 per multiply-add; torch's FLOP counter, on the CPU at batch 2, seconds even for the
+    cifar10 network) of one training step of each objective, forward and backward, and of one sampling forward."""
+    return _flops(tuple(sorted((k, train_cfg[k]) for k in ARCH_FLAGS if k in train_cfg)))
+
+
+def work(p):
+    """What a run of preset settings p does, counted: (what, how many, kind) per part; kind mse and
+    self-perceptual count training steps of the global batch, forward and guided count sampling image-steps
+    (a guided one costs two forwards)."""
+    k, S = 10, p["eval_steps"]                                    # classes of shapes and CIFAR-10
+    n_unguided, n_guided = sum(m in ("cond", "null") for *_, m in ROWS), sum(m not in ("cond", "null") for *_, m in ROWS)
+    unguided = S * ((n_unguided * p["eval_n"] + 2 * p["sweep_n"]) + 3 * p["picture_per_class"] * k) + 12 * p["x0_n"]
+    guided = S * (n_guided * p["eval_n"] + 3 * len(p["sweep_scales"]) * p["sweep_n"] + 2 * p["picture_per_class"] * k)
+    parts = [("stage 1: the shipped model, not trained", 0, "mse") if p["stage1"] == "shipped" else
+             (f"stage 1: mse, {p['stage1_steps']:,} steps", p["stage1_steps"], "mse"),
+             (f"stage 2: self-perceptual, {p['stage2_steps']:,} steps", p["stage2_steps"], "self-perceptual"),
+             (f"control: mse, {p['stage2_steps']:,} steps", p["stage2_steps"], "mse"),
+             (f"evaluation: {unguided:,} image-steps unguided", unguided, "forward"),
+             (f"evaluation: {guided:,} image-steps guided", guided, "guided")]
+    if p.get("fid_protocol") == "standard":                        # rows 1, 2, 4 unguided and 3 guided
+        parts += [(f"standard FID: 3 x {p['fid_n']:,} samples unguided", 3 * p["fid_n"] * S, "forward"),
+                  (f"standard FID: {p['fid_n']:,} samples guided", p["fid_n"] * S, "guided")]
+    return parts
+
+
+def unit_flops(p):
+    """FLOPs of one unit of each kind of work(p): a training step of the global batch, a sampling image-step."""
+    B, fl = p["train"]["batch_size"], count_flops(p["train"])
+    return {"mse": B * fl["mse"], "self-perceptual": B * fl["self-perceptual"], "forward": fl["forward"],
+            "guided": 2 * fl["forward"]}
+
+
 def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides):
-    """The projected wall time of `reproduce --preset`, stage by stage, from a few timed steps of each objective
-    and of sampling on `device` (random data of the preset's shape: nothing is downloaded or trained), for `runs`
-    full-pipeline seeds and `stage2_runs` runs on a shared stage 1. Not included: building the ruler (classifier
-    training or Inception features) and writing pictures."""
+    """The cost of `reproduce --preset`, part by part: its FLOPs, counted (count_flops, work), and its time:
+    measured from a few timed steps of each objective and of sampling on `device` (random data of the preset's
+    shape: nothing is downloaded or trained), except for a GPU preset on a CPU, whose full-size steps would take
+    minutes each: its hours are projected from the FLOPs at ASSUMPTION and labelled so. For `runs` full-pipeline
+    seeds and `stage2_runs` runs on a shared stage 1. Not included: building the ruler and writing pictures."""
     device = device or TRAIN_DEFAULTS["device"]
     p = preset_settings(preset, overrides, device=device)
-    sample_batch = max_forward_batch(device) or 256
-    t = step_times(p["train"], iters=3, sample_steps=4)
-    t_fwd = t["unguided"] / (4 * p["train"]["batch_size"])          # seconds per image per unguided step
-    t_gfwd = t["guided"] / (4 * p["train"]["batch_size"])
-    k = 10                                                          # classes of shapes and CIFAR-10
-    n_unguided, n_guided = sum(m in ("cond", "null") for *_, m in ROWS), sum(m not in ("cond", "null") for *_, m in ROWS)
-    unguided = p["eval_steps"] * ((n_unguided * p["eval_n"] + 2 * p["sweep_n"]) + 3 * p["picture_per_class"] * k) + 12 * p["x0_n"]
-    guided = p["eval_steps"] * (n_guided * p["eval_n"] + 3 * len(p["sweep_scales"]) * p["sweep_n"] +
-                                2 * p["picture_per_class"] * k)
-    parts = [(f"stage 1: mse, {p['stage1_steps']} steps", p["stage1_steps"] * t["mse"]),
-             (f"stage 2: self-perceptual, {p['stage2_steps']} steps", p["stage2_steps"] * t["self-perceptual"]),
-             (f"control: mse, {p['stage2_steps']} steps", p["stage2_steps"] * t["mse"]),
-             (f"evaluation: {unguided + guided:,} image-steps ({guided:,} guided)", unguided * t_fwd + guided * t_gfwd)]
-    total = sum(sec for _, sec in parts)
+    B, fl, flop = p["train"]["batch_size"], count_flops(p["train"]), unit_flops(p)
+    timed = not (p.get("target") == "gpu" and torch.device(device).type == "cpu")
+    if timed:
+        t = step_times(p["train"], iters=3, sample_steps=4)
+        sec = {"mse": t["mse"], "self-perceptual": t["self-perceptual"], "forward": t["unguided"] / (4 * B),
+               "guided": t["guided"] / (4 * B)}
+    else:
+        sec = {k: v / ASSUMED_FLOP_S for k, v in flop.items()}
+    parts = [(name, n * flop[kind], n * sec[kind]) for name, n, kind in work(p)]
     if runs > 1 or stage2_runs:
-        total = runs * total + stage2_runs * sum(sec for _, sec in parts[1:])
-        parts.append((f"x {runs} seeds + {stage2_runs} runs on a shared stage 1", total - sum(sec for _, sec in parts)))
-    log(f"estimate for --preset {preset} on {device} ({t['params'] / 1e6:.2f}M parameters; measured: 3 training steps "
-        f"per objective at batch {p['train']['batch_size']}, 4 sampling steps; sampling forwards chunked to {sample_batch})")
-    for name, sec in parts:
-        log(f"  {name:55s} {sec / 60:8.1f} min")
-    log(f"  {'total (without building the ruler)':55s} {total / 60:8.1f} min"
-        f"   (--ablations adds {len(ABLATIONS)} x {p['stage2_steps'] * t['self-perceptual'] / 60:.1f} min of training)")
-    return {"parts": {name: sec for name, sec in parts}, "total_seconds": total}
+        scale = lambda i: runs + (stage2_runs if i > 0 else 0)
+        parts = [(name, f * scale(i), s * scale(i)) for i, (name, f, s) in enumerate(parts)]
+        log(f"(x {runs} seeds + {stage2_runs} runs on a shared stage 1, in every line)")
+    total_flop, total = sum(f for _, f, _ in parts), sum(s for _, _, s in parts)
+    how = (f"measured: 3 training steps per objective at batch {B}, 4 sampling steps, forwards chunked to "
+           f"{max_forward_batch(device) or 256}" if timed else f"PROJECTED at {ASSUMPTION}: an assumption, not a "
+           "measurement; `python reproduce.py gpucheck` on your GPU measures it")
+    log(f"estimate for --preset {preset} on {device} ({fl['params'] / 1e6:.2f}M parameters; time {how})")
+    log(f"  FLOPs counted (torch's counter): one training step at batch {B}: mse {flop['mse']:.3g}, self-perceptual "
+        f"{flop['self-perceptual']:.3g}; one sampling step: {fl['forward']:.3g} per image (x2 guided)")
+    unit, div = ("h", 3600) if total > 5 * 3600 else ("min", 60)
+    for name, f, s in parts:
+        log(f"  {name:55s} {f:10.3g} FLOP {s / div:9.2f} {unit}")
+    log(f"  {'total (without building the ruler)':55s} {total_flop:10.3g} FLOP {total / div:9.2f} {unit}"
+        + ("" if timed else " projected")
+        + f"   (--ablations adds {len(ABLATIONS)} x {p['stage2_steps'] * sec['self-perceptual'] / div:.2f} {unit} of training)")
+    return {"parts": {name: s for name, _, s in parts}, "flops": {name: f for name, f, _ in parts},
+            "total_seconds": total, "total_flops": total_flop, "timed": timed, "per_image_flops": fl}
 
 
 def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
@@ -1340,9 +1573,8 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
     how the test suite runs it): bench's figures (training img/s of both objectives, sampling img/s unguided and
     guided at the training batch) in fp32, bf16 and compiled bf16 (with its first step, compilation included),
     with the cifar10 preset's model on the built-in shapes at 32 px (no network needed); a 1-rank torchrun DDP run
-    (nccl on CUDA); peak memory; a tiny end-to-end reproduce; the cifar10 preset's projected training hours.
+    (nccl on CUDA); peak memory; a tiny end-to-end reproduce; each GPU preset's hours at the FLOP/s achieved here.
     Writes one JSON; returns the failures."""
-    import platform
     import subprocess
     import tempfile
     dev = torch.device(device)
@@ -1350,8 +1582,7 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
     cfg = {**{k: PRESETS["cifar10"]["train"][k] for k in model_keys}, "image_size": 32, "device": device}
     if tiny:
         cfg.update(channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="", batch_size=4, image_size=8)
-    figures = {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-               "torch": torch.__version__, "config": cfg}
+    figures = {"device": machine(), "torch": torch.__version__, "config": cfg}
     failures = {}
 
     def part(name, fn):
@@ -1383,10 +1614,13 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
         part("ddp_torchrun_1_rank", ddp)
         part("reproduce_smoke", lambda: {"minutes": reproduce("smoke", os.path.join(tmp, "r"), device,
                                                               log=lambda s: None)["wall_seconds"] / 60})
-    if "bf16" in figures:                                          # stage 1 + stage 2 + control, at the bf16 speeds
-        c, f = PRESETS["cifar10"], figures["bf16"]
-        figures["cifar10_preset_training_hours"] = c["train"]["batch_size"] / 3600 * (
-            (c["stage1_steps"] + c["stage2_steps"]) / f["train_img_s_mse"] + c["stage2_steps"] / f["train_img_s_self_perceptual"])
+    if "bf16" in figures:          # this GPU's achieved FLOP/s (bf16 mse training) applied to each preset's count
+        achieved = figures["bf16"]["train_img_s_mse"] * count_flops(cfg)["mse"]
+        figures["achieved_tflop_s_bf16"] = achieved / 1e12
+        figures["projected_hours"] = {name: sum(n * unit_flops(p)[kind] for _, n, kind in work(p)) / achieved / 3600
+                                      for name, p in PRESETS.items() if p.get("target") == "gpu"}
+        log(f"this device: {achieved / 1e12:.1f} TFLOP/s achieved (bf16 training); hours per preset, at that rate: "
+            + ", ".join(f"{k} {v:.1f} h" for k, v in figures["projected_hours"].items()))
     figures["failures"] = failures
     with open(out, "w") as f:
         json.dump(figures, f, indent=1)
@@ -1423,18 +1657,18 @@ def build_parser():
     add_sampling_args(p)
     p.add_argument("--n", type=at_least(2), default=1000, help="number of samples (default: 1000)")
     p.add_argument("--label", type=NONNEG_INT, default=None, help="as for sample (num_classes: unconditional)")
-    p.add_argument("--features", default="classifier", choices=["classifier", "inception", "fid"],
-                   help="first feature network: classifier (trained here, offline), inception (torchvision's weights, "
-                        "downloads) or fid (standard FID: optional package pytorch-fid); the second is always fixed "
-                        "random features")
+    p.add_argument("--features", default="classifier", choices=["classifier", "fid"], help="first feature network: "
+                   "classifier (trained here, offline) or fid (standard FID's network: the optional package "
+                   "pytorch-fid); the second is always fixed random features")
     p.add_argument("--real-n", type=at_least(2), default=2000, help="real images for the reference statistics (default: 2000)")
     p.add_argument("--classifier-steps", type=POS_INT, default=CLASSIFIER_STEPS, help="training steps of the "
                    f"classifier ruler, cached per data set under the data folder (default: {CLASSIFIER_STEPS}, as reproduce)")
     p.add_argument("--resamples", type=at_least(20), default=1000, help="bootstrap resamples for the 95%% intervals (default: 1000)")
     p.add_argument("--json", default="", help="also write the result, with its protocol, to this JSON file")
     p = sub.add_parser("reproduce", help="the paper's comparison: train both stages, evaluate every row, write tables and pictures")
-    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (default), cpu-long (<= 60 min on 2 cores), "
-                   "cifar10 (one GPU), smoke (seconds)")
+    p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (default: fine-tunes the shipped stage "
+                   "1), cpu-long (trains its own, <= 60 min on 2 cores), cifar10 (DDPM's recipe, one GPU), cifar10-quick "
+                   "(at half width: about 2 h on one GPU), smoke (seconds)")
     p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
     p.add_argument("--device", type=DEVICE, default=None, help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
@@ -1444,14 +1678,28 @@ def build_parser():
                    "stage 1 with their own stage-2 and sampling seeds, to split the spread into its sources (default: 0)")
     p.add_argument("--cooldown", type=UNIT, default=None, help="override the preset's stage-1 cool-down fraction (0: "
                    "constant learning rate)")
+    p.add_argument("--fid-protocol", default=None, choices=["heldout", "standard"], help="heldout: the paired "
+                   "comparison only (every preset); standard: also FID of rows 1-4 by the literature's protocol "
+                   "(50,000 samples against the training set; the cifar10 presets' default)")
+    p.add_argument("--stage1", default=None, choices=["shipped", "train"], help="stage 1: the shipped pretrained "
+                   "model (the cpu preset's default: its data and model only) or trained by this run (the other "
+                   "presets' default)")
     p.add_argument("--stage1-steps", type=POS_INT, default=None, help="override the preset's stage-1 (MSE) steps")
     p.add_argument("--stage2-steps", type=POS_INT, default=None, help="override the preset's stage-2 steps (and the control's)")
     p.add_argument("--eval-n", type=at_least(2), default=None, help="override the preset's samples per row")
     p.add_argument("--ablations", action="store_true", help="also train and evaluate the paper's ablations of the "
                    "self-perceptual objective; writes ablations.md and ablations.json")
-    p.add_argument("--estimate", action="store_true", help="time a few steps of each stage and of sampling and print "
-                   "the projected wall time; train nothing")
+    p.add_argument("--estimate", action="store_true", help="count the FLOPs of each stage and of sampling, time a few "
+                   "steps (or project the time of a GPU preset on a CPU) and print the cost; train nothing")
+    p.add_argument("--print-commands", type=POS_INT, default=None, metavar="NPROC", help="print the torchrun command "
+                   "of each training stage on NPROC GPUs and the reproduce command that then evaluates them; run nothing")
     add_train_args(p, REPRODUCE_TRAIN_ARGS, override=True)
+    p = sub.add_parser("pretrain", help="regenerate the shipped stage 1 (pretrained/): train it, store it in fp16 "
+                       "with its sha256, measure it")
+    p.add_argument("--out", default="runs/pretrain", help="the training run's folder; a finished run is reused "
+                   "(default: runs/pretrain)")
+    p.add_argument("--dest", default=PRETRAINED_DIR, help="where the shipped files are written (default: pretrained/)")
+    p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
     p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")
@@ -1483,11 +1731,13 @@ def run_evaluate(args):
 
 def run_reproduce(args):
     """`reproduce`: the comparison once, over seeds, or its projected cost (--estimate)."""
-    overrides = dict(stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
+    overrides = dict(fid_protocol=args.fid_protocol, stage1=args.stage1, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
                      cooldown=args.cooldown, train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
     if args.stage2_seeds and not args.seeds:
         raise UsageError("--stage2-seeds needs --seeds")
-    if args.estimate:
+    if args.print_commands:
+        print_commands(args.preset, args.print_commands, args.out, args.seed, args.device, args.ablations, **overrides)
+    elif args.estimate:
         estimate(args.preset, args.device, runs=len(args.seeds or [0]), stage2_runs=args.stage2_seeds, **overrides)
     elif args.seeds:
         reproduce_seeds(args.preset, args.out, args.seeds, args.stage2_seeds, args.device, ablations=args.ablations,
@@ -1505,9 +1755,10 @@ def run_gpucheck(args):
 def main(argv=None):
     """Run one command (none: reproduce with the default preset); each problem is one line (run_command)."""
     argv = sys.argv[1:] if argv is None else argv
-    commands = {"evaluate": run_evaluate, "reproduce": run_reproduce, "gpucheck": run_gpucheck}
+    commands = {"evaluate": run_evaluate, "reproduce": run_reproduce, "gpucheck": run_gpucheck,
+                "pretrain": lambda args: pretrain(args.out, args.dest, args.device) and None}
     return run_command(build_parser(), argv or ["reproduce"], lambda args: commands[args.command](args),
-                       "reproduce, evaluate or gpucheck")
+                       "reproduce, evaluate, pretrain or gpucheck")
 
 
 if __name__ == "__main__":

@@ -861,7 +861,6 @@ def test_bench_reports_throughputs_and_ratios():
                    iters=1, log=lambda s: None)
     assert res["params"] > 0 and res["train_img_s_mse"] > 0 and res["sample_img_s_50_steps_guided"] > 0
     assert res["self_perceptual_step_ratio"] > 0 and res["guided_step_ratio"] > 0
-    assert 0 < res["cfg_interval_guided_steps"] < 50 and res["interval_step_ratio"] > 0
 
 
 # -------------------------------------------- DDP ---------------------------------------------
@@ -1058,18 +1057,18 @@ def test_a_cooled_down_run_resumes_only_to_its_configured_steps(tmp_path, capsys
 @pytest.mark.parametrize("cuda, mps, expected", [(True, True, "cuda"), (False, True, "mps"), (False, False, "cpu")])
 def test_device_auto_picks_cuda_then_mps_then_cpu(cuda, mps, expected, monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
-    monkeypatch.setattr(pd, "mps_available", lambda: mps)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: mps)
     assert pd.DEVICE("auto") == expected and pd.best_device() == expected
 
 
 def test_mps_is_accepted_where_torch_has_it_and_refused_in_one_line_where_not(monkeypatch, capsys, tmp_path):
-    monkeypatch.setattr(pd, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     assert pd.DEVICE("mps") == "mps"
-    monkeypatch.setattr(pd, "mps_available", lambda: False)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: False)
     assert pd.main(["train", "--device", "mps", "--out", str(tmp_path / "r")]) == 2
     err = capsys.readouterr().err
     assert "MPS is not available on this machine" in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
-    monkeypatch.setattr(pd, "mps_available", lambda: True)
+    monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(pd.UsageError, match="bf16 is not supported on mps"):
         pd.check_config({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
     assert pd.resolve_precision("mps", "auto") == "fp32"

@@ -44,12 +44,6 @@ def tr(c):
     return c.trace().item()
 
 
-def test_inception_score_is_one_for_constant_and_k_for_uniform_confident_predictions():
-    assert rp.inception_score(torch.zeros(100, 10)) == pytest.approx(1.0)
-    confident = 50 * F.one_hot(torch.arange(1000) % 10, 10).float()
-    assert rp.inception_score(confident) == pytest.approx(10.0, rel=1e-3)
-
-
 def test_classifier_ruler_runs_offline_and_is_cached(tmp_path):
     data_dir = str(tmp_path / "data")
     ruler = rp.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
@@ -242,21 +236,6 @@ def test_pixel_summary_measures_what_its_names_say():
     assert spec[0, -1] > 0 and spec[0, :-1].abs().max() < 1e-9       # all energy at the highest radius
 
 
-def test_inception_without_weights_is_one_clear_line_and_never_downloads(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "empty-cache"))
-
-    def no_download(url, *a, **k):
-        raise OSError(f"download of {url} refused by the test")
-    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
-    with pytest.raises(pd.UsageError, match="Inception-v3 weights are not in the torch hub cache"):
-        rp.InceptionFeatures()
-    tiny_train(tmp_path)
-    assert rp.main(["evaluate", "--ckpt", str(tmp_path / "run" / "ckpt.pt"), "--features", "inception",
-                    "--n", "4", "--real-n", "4"]) == 2
-    err = capsys.readouterr().err
-    assert "Inception-v3 weights" in err and err.count("\n") == 1
-
-
 def fake_pytorch_fid(monkeypatch, seen, fail=None):
     """A stand-in for the optional package pytorch-fid: its InceptionV3 class, with random weights, recording
     what it is given. It resizes to 299 and normalises to [-1, 1] itself, as the real one does when asked."""
@@ -314,8 +293,8 @@ def test_fid_without_the_package_or_its_weights_is_one_clear_line_and_exit_code_
 def test_estimate_projects_every_stage_without_training(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     res = rp.estimate("smoke", "cpu", log=lambda s: None)
-    assert len(res["parts"]) == 4 and res["total_seconds"] == pytest.approx(sum(res["parts"].values()))
-    assert all(sec > 0 for sec in res["parts"].values())
+    assert len(res["parts"]) == 5 and res["total_seconds"] == pytest.approx(sum(res["parts"].values())) and res["timed"]
+    assert all(sec > 0 for sec in res["parts"].values()) and all(f > 0 for f in res["flops"].values())
     assert rp.main(["reproduce", "--preset", "smoke", "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "stage 1" in out and "total" in out and os.listdir(tmp_path) == []      # nothing trained or written
@@ -636,10 +615,11 @@ def test_gpu_check_runs_every_path_on_the_cpu_in_tiny_mode_and_writes_every_fiel
     assert rp.gpu_check("cpu", tiny=True, out=str(out), log=lambda s: None) == {}
     figures = json.loads(out.read_text())
     assert {"device", "torch", "config", "fp32", "bf16", "compile_bf16", "peak_memory_gb", "ddp_torchrun_1_rank",
-            "reproduce_smoke", "cifar10_preset_training_hours", "failures"} <= figures.keys()
+            "reproduce_smoke", "projected_hours", "failures"} <= figures.keys()
     for part in ("fp32", "bf16", "compile_bf16"):
         assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_step_ratio"] > 0
-    assert figures["ddp_torchrun_1_rank"]["backend"] == "gloo" and figures["cifar10_preset_training_hours"] > 0
+    assert figures["ddp_torchrun_1_rank"]["backend"] == "gloo" and set(figures["projected_hours"]) == {"cifar10", "cifar10-quick"}
+    assert figures["projected_hours"]["cifar10"] > 3 * figures["projected_hours"]["cifar10-quick"] > 0
 
 
 def test_gpu_check_reports_every_failing_path_and_exits_non_zero(tmp_path, monkeypatch):
@@ -783,3 +763,163 @@ def test_pictured_samples_are_separated_by_grey_gaps_whatever_the_background():
     assert (a[:, 0] == rp.GREY).all() and (a[0] == rp.GREY).all()                 # the frame
     assert (a[2:10, 10:12] == rp.GREY).all() and (a[10:12, 2:10] == rp.GREY).all()  # between cells
     assert (a[2:10, 2:10] == 0).all()                                              # a cell, untouched
+
+
+# ---------------------------------- the shipped stage 1 ----------------------------------------
+
+def tiny_cpu_preset(monkeypatch):
+    """The cpu preset's model and data (those of the shipped stage 1), with the smoke preset's seconds-long stages
+    and evaluation."""
+    monkeypatch.setitem(rp.PRESETS, "cpu", {**rp.PRESETS["smoke"], "stage1": "shipped", "stage1_steps": 2000,
+                                            "train": {**rp.PRESETS["cpu"]["train"], "batch_size": 4, "log_every": 1}})
+
+
+def test_pretrain_writes_fp16_weights_and_guide_with_hashes_and_a_card_that_measures_them(tmp_path, monkeypatch):
+    tiny_cpu_preset(monkeypatch)
+    monkeypatch.setattr(rp, "PRETRAIN_STEPS", 8)
+    card = rp.pretrain(str(tmp_path / "run"), str(tmp_path / "shipped"), "cpu", log=lambda s: None)
+    files = {f: tmp_path / "shipped" / f for f in ("shapes16-mse.pt", "shapes16-guide.pt")}
+    for name, path in files.items():
+        raw = torch.load(path, weights_only=True)
+        assert all(v.dtype == torch.float16 for v in raw["ema"].values())               # compact on disk
+        assert (tmp_path / "shipped" / f"{name}.sha256").read_text().split() == [card["files"][name], name]
+    mse, guide = (pd.load_checkpoint(str(p)) for p in files.values())
+    assert mse["step"] == 8 and guide["step"] == 1 and mse["provenance"]["command"] == "python reproduce.py pretrain"
+    assert {"machine", "packages", "same as", "data_seed"} <= mse["provenance"].keys()
+    model = pd.model_from_checkpoint(mse)
+    assert next(model.parameters()).dtype == torch.float32
+    run_ema = pd.load_checkpoint(str(tmp_path / "run" / "mse" / "ckpt.pt"))["ema"]
+    assert all(torch.equal(model.state_dict()[k], run_ema[k].half().float()) for k in run_ema)   # fp32 -> fp16 -> fp32
+    assert set(card["measured"]) == {"shipped_fp16", "fp32"} and 0 <= card["measured"]["shipped_fp16"]["cond_acc"] <= 1
+    assert json.loads((tmp_path / "shipped" / "shapes16.json").read_text())["files"] == card["files"]
+
+
+def test_the_shipped_files_load_match_the_default_model_and_their_hashes():
+    import hashlib
+    total = 0
+    for key in ("mse", "guide"):
+        path = rp.PRETRAINED[key]
+        digest = hashlib.sha256(open(path, "rb").read()).hexdigest()
+        assert open(path + ".sha256").read().split() == [digest, os.path.basename(path)]
+        ckpt = pd.load_checkpoint(path)
+        assert {k: ckpt["config"][k] for k in rp.SHIPPED_KEYS} == {k: {**pd.TRAIN_DEFAULTS, **rp.PRESETS["cpu"]["train"]}[k]
+                                                                   for k in rp.SHIPPED_KEYS}
+        assert pd.model_from_checkpoint(ckpt).image_size == 16
+        total += os.path.getsize(path)
+    assert total < 4 * 2 ** 20                                     # a few MB in all
+    card = json.load(open(rp.PRETRAINED["card"]))
+    assert card["measured"]["shipped_fp16"]["cond_acc"] >= 0.5 and card["provenance"]["steps"] == rp.PRETRAIN_STEPS
+
+
+def test_a_tampered_shipped_file_is_refused_in_one_line(tmp_path, capsys):
+    import shutil
+    for suffix in ("", ".sha256"):
+        shutil.copy(rp.PRETRAINED["mse"] + suffix, tmp_path / ("m.pt" + suffix))
+    raw = bytearray((tmp_path / "m.pt").read_bytes())
+    raw[len(raw) // 2] ^= 1                                        # one bit of one weight
+    (tmp_path / "m.pt").write_bytes(bytes(raw))
+    assert pd.main(["sample", "--ckpt", str(tmp_path / "m.pt"), "--n", "2", "--out", str(tmp_path / "g.png")]) == 2
+    err = capsys.readouterr().err
+    assert "does not match its sha256" in err and err.count("\n") == 1 and not (tmp_path / "g.png").exists()
+
+
+@pytest.mark.parametrize("flags", [["--cfg", "4"], ["--cfg", "2", "--guide", rp.PRETRAINED["guide"]]],
+                         ids=["classifier-free", "autoguidance"])
+def test_one_guided_sampling_step_runs_on_the_shipped_model(flags, tmp_path):
+    assert pd.main(["sample", "--ckpt", rp.PRETRAINED["mse"], "--steps", "1", "--n", "10", *flags,
+                    "--out", str(tmp_path / "g.png")]) == 0 and (tmp_path / "g.png").is_file()
+
+
+def test_the_default_runs_estimate_uses_the_shipped_stage_1_without_training_it():
+    parts = rp.estimate("cpu", "cpu", log=lambda s: None)["parts"]
+    assert parts["stage 1: the shipped model, not trained"] == 0
+    assert all(sec > 0 for name, sec in parts.items() if not name.startswith("stage 1"))
+
+
+def test_reproduce_fine_tunes_the_shipped_stage_1_without_training_one_and_says_so_over_seeds(tmp_path, monkeypatch):
+    tiny_cpu_preset(monkeypatch)
+    pooled = rp.reproduce_seeds("cpu", str(tmp_path / "s"), [0, 1], device="cpu", log=lambda s: None)
+    for seed in (0, 1):
+        res = json.loads((tmp_path / "s" / f"seed{seed}" / "results.json").read_text())
+        assert res["stage1"] == rp.PRETRAINED["mse"] and res["stage1_source"] == "shipped"
+        assert not (tmp_path / "s" / f"seed{seed}" / "mse").exists()              # no stage 1 was trained
+        rows = {r["row"]: r for r in res["rows"]}
+        assert rows[1]["train_steps"] == rp.PRETRAIN_STEPS and rows[4]["train_steps"] == rp.PRETRAIN_STEPS + 1
+    assert pooled["stage1_source"] == "shipped"
+    assert "fine-tuning one model" in (tmp_path / "s" / "pooled.md").read_text()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--channels", "8"], "--channels 8 (shipped: 16)"),
+    (["--stage1-steps", "100"], "--stage1-steps shapes a trained stage 1"),
+    (["--seeds", "2", "--stage2-seeds", "1"], "--stage2-seeds: with the shipped stage 1")])
+def test_the_shipped_stage_1_refuses_what_it_cannot_be_in_one_line_before_any_work(argv, message, tmp_path, capsys):
+    assert rp.main(["reproduce", *argv, "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not (tmp_path / "r").exists() or not any((tmp_path / "r").iterdir())   # nothing trained or written
+
+
+def test_standard_fid_protocol_measures_rows_1_to_4_against_the_training_split_and_names_its_protocol(tmp_path, monkeypatch):
+    seen = {}
+    fake_pytorch_fid(monkeypatch, seen)                           # the stand-in network: plumbing, not a real FID
+    monkeypatch.setattr(pd, "SHAPES_TRAIN", 300)
+    res = rp.reproduce("smoke", str(tmp_path / "r"), device="cpu", log=lambda s: None, features="fid",
+                       fid_protocol="standard", fid_n=24, train={"data_dir": str(tmp_path / "data")})
+    assert set(res["standard_fid"]) == {1, 2, 3, 4} and all(v >= 0 for v in res["standard_fid"].values())
+    assert "24 samples against the whole training split" in res["standard_fid_protocol"]
+    assert "pytorch-fid Inception pool3, 20 samples against the whole training split (not the literature's" in \
+        res["rows"][0]["fd_protocol"]
+    assert "FID by the standard protocol" in (tmp_path / "r" / "results.md").read_text()
+    ruler = rp.Ruler("fid", "shapes", str(tmp_path / "data"), 16, 0, 40, torch.device("cpu"), log=lambda s: None)
+    train_images, _, _, _ = pd.load_dataset("shapes", image_size=16, train=True)
+    model = lambda *a, **k: None                                  # the training split itself scores 0 by this path
+    monkeypatch.setattr(rp, "generate", lambda m, s, n, *a, seed=0, **k: (pd.to_model_range(train_images[seed:seed + n]), None))
+    assert abs(rp.standard_fid(model, None, ruler, 300, 1, chunk=128)) < 1e-6 * ruler.real_stats["fid"][1].trace().item()
+
+
+def test_standard_fid_needs_the_fid_ruler(tmp_path, capsys):
+    assert rp.main(["reproduce", "--preset", "smoke", "--fid-protocol", "standard", "--out", str(tmp_path / "r")]) == 2
+    assert "needs a preset whose first ruler is fid" in capsys.readouterr().err
+
+
+def test_printed_torchrun_commands_train_each_stage_with_the_presets_settings_and_reproduce_then_reuses_them(tmp_path):
+    """The multi-GPU route from the preset: every stage under torchrun with 2 gloo ranks, then reproduce."""
+    import shlex
+    out = str(tmp_path / "m")
+    lines = rp.print_commands("smoke", 2, out, device="cpu", log=lambda s: None)
+    assert len(lines) == 4 and lines[-1].startswith("python reproduce.py reproduce --preset smoke")
+    def launch(line):
+        argv = shlex.split(line)
+        assert argv[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", "perceptual_diffusion.py"]
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv[1:3],
+                                 os.path.join(os.path.dirname(rp.__file__), argv[3]), *argv[4:]], text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for batch in (lines[:1], lines[1:3]):                          # stage 1, then stage 2 and the control at once
+        for proc in [launch(line) for line in batch]:
+            _, err = proc.communicate(timeout=300)
+            assert proc.returncode == 0, err[-2000:]
+    p = rp.PRESETS["smoke"]
+    stage1 = pd.load_checkpoint(os.path.join(out, "mse", "ckpt.pt"))["config"]
+    assert (stage1["steps"], stage1["cooldown"], stage1["ema_decay"], stage1["warmup"], stage1["seed"]) == (
+        p["stage1_steps"], p["cooldown"], p["train"]["ema_decay"], p["train"]["warmup"], 0)
+    stage2 = pd.load_checkpoint(os.path.join(out, "self-perceptual", "ckpt.pt"))["config"]
+    assert (stage2["steps"], stage2["lr"], stage2["init"]) == (p["stage2_steps"], p["stage2_lr"], os.path.join(out, "mse", "ckpt.pt"))
+    logs = []
+    rp.reproduce("smoke", out, device="cpu", log=logs.append)
+    assert sum("reusing the finished run" in line for line in logs) == 3                # evaluated as if it had trained them
+
+
+def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_a_cpu_without_timing_it(monkeypatch):
+    monkeypatch.setattr(rp, "step_times", lambda *a, **k: pytest.fail("a GPU preset's full-size steps were timed on a CPU"))
+    lines = []
+    res = rp.estimate("cifar10", "cpu", log=lines.append)
+    per_image = res["per_image_flops"]
+    assert per_image["params"] == pytest.approx(35.7e6, rel=0.01)               # DDPM's CIFAR-10 network
+    assert per_image["forward"] == pytest.approx(12.4e9, rel=0.02)              # 6.2 GMACs, as it is known to cost
+    assert per_image["mse"] == pytest.approx(3 * per_image["forward"], rel=0.05)   # backward ~ twice the forward
+    assert res["flops"]["stage 1: mse, 400,000 steps"] == pytest.approx(400_000 * 128 * per_image["mse"])
+    assert not res["timed"] and res["total_seconds"] == pytest.approx(res["total_flops"] / rp.ASSUMED_FLOP_S)
+    assert "PROJECTED at 40% of an A100's dense bf16 peak" in lines[0] and "projected" in lines[-1]
+    quick = rp.estimate("cifar10-quick", "cpu", log=lambda s: None)
+    assert 1.0 < quick["total_seconds"] / 3600 < 2.2 and quick["total_flops"] < res["total_flops"] / 3
