@@ -15,7 +15,7 @@ Run (the built-in `shapes` data needs no network):
   python reproduce.py reproduce --preset cifar10-quick --estimate        # FLOPs counted, GPU hours projected
   python reproduce.py reproduce --preset cifar10-quick --print-commands 8   # the torchrun command of each stage
   python reproduce.py evaluate --ckpt runs/sp/ckpt.pt --n 1000
-  python reproduce.py pretrain                           # regenerate pretrained/ (about 2 h on one CPU core)
+  python reproduce.py pretrain                           # regenerate pretrained/ (72 min of training on one core)
   python reproduce.py gpucheck                           # every GPU path, timed; each GPU preset's hours
 """
 import argparse

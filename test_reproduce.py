@@ -884,30 +884,31 @@ def test_standard_fid_needs_the_fid_ruler(tmp_path, capsys):
 
 
 def test_printed_torchrun_commands_train_each_stage_with_the_presets_settings_and_reproduce_then_reuses_them(tmp_path):
-    """The multi-GPU route from the preset: every stage under torchrun with 2 gloo ranks, then reproduce."""
+    """The multi-GPU route from the preset: every printed stage command parses to the very config reproduce would
+    train; stage 1 runs under torchrun with 2 gloo ranks; reproduce then reuses it as if it had trained it."""
     import shlex
     out = str(tmp_path / "m")
     lines = rp.print_commands("smoke", 2, out, device="cpu", log=lambda s: None)
     assert len(lines) == 4 and lines[-1].startswith("python reproduce.py reproduce --preset smoke")
-    def launch(line):
+    p = rp.preset_settings("smoke", {}, seed=0, device="cpu")
+    for line, (key, stage) in zip(lines, rp.plan(p, out, os.path.join(out, "mse"))[2]):
         argv = shlex.split(line)
-        assert argv[:4] == ["torchrun", "--standalone", "--nproc_per_node=2", "perceptual_diffusion.py"]
-        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", *argv[1:3],
-                                 os.path.join(os.path.dirname(rp.__file__), argv[3]), *argv[4:]], text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    for batch in (lines[:1], lines[1:3]):                          # stage 1, then stage 2 and the control at once
-        for proc in [launch(line) for line in batch]:
-            _, err = proc.communicate(timeout=300)
-            assert proc.returncode == 0, err[-2000:]
-    p = rp.PRESETS["smoke"]
+        assert argv[:5] == ["torchrun", "--standalone", "--nproc_per_node=2", "perceptual_diffusion.py", "train"]
+        args = pd.build_parser().parse_args(argv[4:])
+        parsed = {k: v for k, v in vars(args).items() if k in pd.TRAIN_DEFAULTS}
+        assert parsed == {**pd.TRAIN_DEFAULTS, **p["train"], **stage}, key          # nothing drifts
+    argv = shlex.split(lines[0])
+    r = subprocess.run([sys.executable, "-m", "torch.distributed.run", *argv[1:3],
+                        os.path.join(os.path.dirname(rp.__file__), argv[3]), *argv[4:]], capture_output=True,
+                       text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    s = p["train"], rp.PRESETS["smoke"]
     stage1 = pd.load_checkpoint(os.path.join(out, "mse", "ckpt.pt"))["config"]
-    assert (stage1["steps"], stage1["cooldown"], stage1["ema_decay"], stage1["warmup"], stage1["seed"]) == (
-        p["stage1_steps"], p["cooldown"], p["train"]["ema_decay"], p["train"]["warmup"], 0)
-    stage2 = pd.load_checkpoint(os.path.join(out, "self-perceptual", "ckpt.pt"))["config"]
-    assert (stage2["steps"], stage2["lr"], stage2["init"]) == (p["stage2_steps"], p["stage2_lr"], os.path.join(out, "mse", "ckpt.pt"))
+    assert (stage1["steps"], stage1["cooldown"], stage1["ema_decay"], stage1["warmup"], stage1["seed"], stage1["guide_at"]) == (
+        s[1]["stage1_steps"], s[1]["cooldown"], s[0]["ema_decay"], s[0]["warmup"], 0, max(1, s[1]["stage1_steps"] // 8))
     logs = []
     rp.reproduce("smoke", out, device="cpu", log=logs.append)
-    assert sum("reusing the finished run" in line for line in logs) == 3                # evaluated as if it had trained them
+    assert sum("reusing the finished run" in line for line in logs) == 1                # stage 1, trained by torchrun
 
 
 def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_a_cpu_without_timing_it(monkeypatch):
