@@ -1653,7 +1653,7 @@ def build_parser():
     parser = Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
-    p = sub.add_parser("evaluate", help="Frechet distances, conditional accuracy (or IS) and pixel statistics of a checkpoint's samples, with 95%% intervals")
+    p = sub.add_parser("evaluate", help="Frechet distances, conditional accuracy and pixel statistics of a checkpoint's samples, with 95%% intervals")
     add_sampling_args(p)
     p.add_argument("--n", type=at_least(2), default=1000, help="number of samples (default: 1000)")
     p.add_argument("--label", type=NONNEG_INT, default=None, help="as for sample (num_classes: unconditional)")
@@ -1753,11 +1753,13 @@ def run_gpucheck(args):
 
 
 def main(argv=None):
-    """Run one command (none: reproduce with the default preset); each problem is one line (run_command)."""
+    """Run one command (none, or flags alone: reproduce); each problem is one line (run_command)."""
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["reproduce", *argv]                                # python reproduce.py --out runs/x
     commands = {"evaluate": run_evaluate, "reproduce": run_reproduce, "gpucheck": run_gpucheck,
                 "pretrain": lambda args: pretrain(args.out, args.dest, args.device) and None}
-    return run_command(build_parser(), argv or ["reproduce"], lambda args: commands[args.command](args),
+    return run_command(build_parser(), argv, lambda args: commands[args.command](args),
                        "reproduce, evaluate, pretrain or gpucheck")
 
 

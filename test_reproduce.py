@@ -924,3 +924,8 @@ def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_
     assert "PROJECTED at 40% of an A100's dense bf16 peak" in lines[0] and "projected" in lines[-1]
     quick = rp.estimate("cifar10-quick", "cpu", log=lambda s: None)
     assert 1.0 < quick["total_seconds"] / 3600 < 2.2 and quick["total_flops"] < res["total_flops"] / 3
+
+
+def test_flags_alone_run_the_default_command_reproduce(tmp_path, capsys):
+    assert rp.main(["--preset", "smoke", "--estimate"]) == 0 and "estimate for --preset smoke" in capsys.readouterr().out
+    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,gpucheck}" in capsys.readouterr().out
