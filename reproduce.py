@@ -573,10 +573,10 @@ PRESETS = {
                 classifier_steps=CLASSIFIER_STEPS,
                 real_n=2000, eval_n=600, sweep_n=150, sweep_scales=[1.5, 2.0, 3.0], cfg_rescale=0.7,
                 eval_steps=16, picture_per_class=3, resamples=1000, x0_n=500, x0_show=4),
-    # DDPM's CIFAR-10 recipe (Ho et al. 2020: 35.7M parameters, batch 128, lr 2e-4, warm-up 5,000, EMA 0.9999,
-    # dropout 0.1, 400k steps) as stage 1, with stage 2 and the control 50k steps each: 2.5e18 FLOPs counted, about
-    # 5.4 h on one GPU at ASSUMPTION (`reproduce --preset cifar10 --estimate`). Standard FID (50,000 samples
-    # against the training set) for rows 1-4 beside the held-out comparison.
+    # DDPM's CIFAR-10 network and optimisation (Ho et al. 2020: 35.7M parameters, batch 128, lr 2e-4, warm-up 5,000,
+    # EMA 0.9999, dropout 0.1, 400k steps) as stage 1, with this project's schedule, v-prediction and cool-down; stage 2
+    # and the control 50k steps each: 2.7e18 FLOPs counted with the evaluation, about 6.1 h on one GPU at ASSUMPTION.
+    # Standard FID (50,000 samples against the training set) for rows 1-4 beside the held-out comparison.
     "cifar10": dict(target="gpu", fid_protocol="standard", fid_n=50_000, train=dict(data="cifar10", channels=128, channel_mult="1,2,2,2", num_res_blocks=2, attn_res="16",
                                dropout=0.1, batch_size=128, lr=2e-4, warmup=5000, ema_decay=0.9999, log_every=500,
                                sample_every=10000, ckpt_every=5000),
@@ -1668,7 +1668,7 @@ def build_parser():
     p = sub.add_parser("reproduce", help="the paper's comparison: train both stages, evaluate every row, write tables and pictures")
     p.add_argument("--preset", default="cpu", choices=list(PRESETS), help="cpu (default: fine-tunes the shipped stage "
                    "1), cpu-long (trains its own, <= 60 min on 2 cores), cifar10 (DDPM's recipe, one GPU), cifar10-quick "
-                   "(at half width: about 2 h on one GPU), smoke (seconds)")
+                   "(at half width: 1.6 h projected on one GPU), smoke (seconds)")
     p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
     p.add_argument("--device", type=DEVICE, default=None, help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
