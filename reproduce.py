@@ -38,7 +38,7 @@ from perceptual_diffusion import (
     ANY_INT, DEVICE, FOLDER_HELDOUT, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UNet, UsageError,
     add_sampling_args, add_train_args, autocast, bench, check_config, distributed, generate, load_checkpoint,
     frozen_copy, load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, model_kwargs, norm,
-    objective, ranged,
+    objective, origin_of, ranged,
     resolve_precision, schedule_from, step_times, to_model_range, to_uint8, run_command, save_checkpoint, train,
     weights_hash, writable_dir, writable_file)
 
@@ -879,6 +879,17 @@ def plan(p, out, stage1_dir, stage1_seed=None, ablations=False):
     return stage1, guide, stages
 
 
+def flag_text(k, v):
+    """One command-line flag for key k set to v: a switch alone when v is True, the value shell-quoted."""
+    return f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
+
+
+def train_flags(cfg, skip=()):
+    """The `train` flags that give cfg, except the keys in `skip`: every value that differs from TRAIN_DEFAULTS."""
+    return " ".join(flag_text(k, v) for k, v in cfg.items()
+                    if k in TRAIN_DEFAULTS and k not in skip and v != TRAIN_DEFAULTS[k] and v is not False)
+
+
 def print_commands(preset, nproc, out, seed=0, device=None, ablations=False, log=print, **overrides):
     """The multi-GPU route, from the preset itself: the exact torchrun command of each training stage (data
     parallel on nproc ranks; rank 0 prepares the data and writes the checkpoints), then the reproduce command
@@ -887,15 +898,11 @@ def print_commands(preset, nproc, out, seed=0, device=None, ablations=False, log
     if p["stage1"] == "shipped":
         shipped_stage1(p["train"])
     _, _, stages = plan(p, out, os.path.join(out, "mse"), ablations=ablations)
-    flag = lambda k, v: f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
-    lines = []
-    for key, stage in stages:
-        cfg = {**TRAIN_DEFAULTS, **p["train"], **stage}
-        lines.append(f"torchrun --standalone --nproc_per_node={nproc} perceptual_diffusion.py train " + " ".join(
-            flag(k, v) for k, v in cfg.items() if k in TRAIN_DEFAULTS and v != TRAIN_DEFAULTS[k] and v is not False))
+    lines = [f"torchrun --standalone --nproc_per_node={nproc} perceptual_diffusion.py train "
+             + train_flags({**TRAIN_DEFAULTS, **p["train"], **stage}) for _, stage in stages]
     again = {"preset": preset, "out": out, "seed": seed, **{k: v for k, v in overrides.items() if k != "train"},
              **(overrides.get("train") or {}), "device": device, "ablations": ablations}
-    lines.append("python reproduce.py reproduce " + " ".join(flag(k, v) for k, v in again.items()
+    lines.append("python reproduce.py reproduce " + " ".join(flag_text(k, v) for k, v in again.items()
                                                           if v is not None and v is not False))
     for line in lines:
         log(line)
@@ -929,7 +936,7 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
         models["mse"] = model_from_checkpoint(shipped).to(base["device"]).eval()
         stats["mse"] = {"config": shipped["config"], "total_steps": shipped["total_steps"], "reused": True,
                         "train_seconds": shipped.get("train_seconds", 0.0)}
-        origin = {"init_steps": shipped["total_steps"], "init_hash": weights_hash(models["mse"].state_dict())}
+        origin = origin_of(shipped)                                # what train records for --init
     for i, (key, stage) in enumerate(stages):
         log(f"== stage {i + 1}/{len(stages)}: {key} ({stage['steps']} steps) ==")
         models[key], stats[key] = run_stage({**base, **stage}, log=lambda s, k=key: log(f"[{k}] {s}"), origin=origin)
@@ -1067,22 +1074,22 @@ def pretrain(out="runs/pretrain", dest=PRETRAINED_DIR, device="cpu", log=print):
     writable_dir(dest, "--dest")
     run_stage(cfg, log)
     run = {k: load_checkpoint(os.path.join(out, "mse", f"{k}.pt")) for k in ("ckpt", "guide")}
-    flags = " ".join(f"--{k.replace('_', '-')} {v}" for k, v in cfg.items() if k in TRAIN_DEFAULTS and v != TRAIN_DEFAULTS[k]
-                     and k not in BOOKKEEPING_KEYS | {"data_dir"} and not isinstance(v, bool))
+    flags = train_flags(cfg, BOOKKEEPING_KEYS | {"data_dir"})
     provenance = {"command": "python reproduce.py pretrain", "same as": f"python perceptual_diffusion.py train {flags}",
                   "steps": run["ckpt"]["step"], "guide_step": run["guide"]["step"], "data_seed": cfg["data_seed"],
                   "train_seconds": round(run["ckpt"].get("train_seconds", 0.0)), "machine": machine(),
                   "packages": {m: md.version(m) for m in ("torch", "torchvision", "numpy", "pillow")},
                   "python": sys.version.split()[0], "stored": "EMA weights in fp16 (loaded as fp32)"}
-    paths = {k: os.path.join(dest, os.path.basename(PRETRAINED[k])) for k in PRETRAINED}
+    paths, digests = {k: os.path.join(dest, os.path.basename(PRETRAINED[k])) for k in PRETRAINED}, {}
     for key, c in (("mse", run["ckpt"]), ("guide", run["guide"])):
         save_checkpoint(paths[key], {"config": c["config"], "ema": {k: v.half() for k, v in c["ema"].items()},
                                      "step": c["step"], "total_steps": c.get("total_steps", c["step"]),
                                      "train_seconds": c.get("train_seconds", 0.0), "provenance": provenance})
+        name = os.path.basename(paths[key])
         with open(paths[key], "rb") as f:
-            digest = hashlib.sha256(f.read()).hexdigest()
+            digests[name] = hashlib.sha256(f.read()).hexdigest()
         with open(paths[key] + ".sha256", "w") as f:
-            f.write(f"{digest}  {os.path.basename(paths[key])}\n")
+            f.write(f"{digests[name]}  {name}\n")
     # The shipped model measured exactly as the default run measures its row 1.
     c = run["ckpt"]["config"]
     ruler = Ruler(p["features"], c["data"], c["data_dir"], c["image_size"], c["data_seed"], p["real_n"],
@@ -1095,9 +1102,7 @@ def pretrain(out="runs/pretrain", dest=PRETRAINED_DIR, device="cpu", log=print):
                                             "kid", "kid_ci", "precision", "recall", "samples", "steps", "features")}
         log(f"{name}: conditional accuracy {r['cond_acc']:.3f} {fmt_ci(r['cond_acc_ci'])}, Frechet distance "
             f"{r['fd']:.3f} {fmt_ci(r['fd_ci'])} ({p['eval_n']} unguided samples, {p['eval_steps']} steps, seed 0)")
-    card = {"provenance": provenance, "files": {os.path.basename(v): open(v + ".sha256").read().split()[0]
-                                                for k, v in paths.items() if k != "card"},
-            "measured": measured, "protocol": ruler.protocol}
+    card = {"provenance": provenance, "files": digests, "measured": measured, "protocol": ruler.protocol}
     write_outputs(dest, {os.path.basename(paths["card"]): json.dumps(card, indent=1)}, log)
     log(f"wrote {paths['mse']}, {paths['guide']} (each with its .sha256) and {paths['card']}")
     return card
