@@ -28,6 +28,7 @@ On several GPUs (data parallel; --batch-size is the global batch):
 """
 import argparse
 import copy
+import datetime
 import functools
 import hashlib
 import inspect
@@ -94,31 +95,36 @@ class Schedule:
         self.alpha_bar = alpha_bar.float()                        # (T,)  alpha_bar[T-1] == 0 with ZTSNR
         self.alpha = alpha_bar.sqrt().float()                     # (T,)
         self.sigma = (1 - alpha_bar).sqrt().float()               # (T,)
+        self._tables = {}                                         # (name, device) -> that table on that device
 
-    @staticmethod
-    def _at(a, t, x):
-        """a[t] shaped (N, 1, 1, 1) to broadcast against x, on x's device."""
-        return a.to(x.device)[t].view(-1, *([1] * (x.dim() - 1)))
+    def _at(self, name, t, x):
+        """Table `name` at t, shaped (N, 1, 1, 1) to broadcast against x. Each table is copied to x's device once
+        and kept there: a copy per call would be a host-to-device transfer (and a sync) at every use."""
+        key = (name, x.device)
+        if key not in self._tables:
+            self._tables[key] = getattr(self, name).to(x.device)
+        return self._tables[key][t].view(-1, *([1] * (x.dim() - 1)))
 
     def q_sample(self, x0, t, eps):
         """Forward process: x_t = alpha_t x0 + sigma_t eps."""
-        return self._at(self.alpha, t, x0) * x0 + self._at(self.sigma, t, x0) * eps
+        return self._at("alpha", t, x0) * x0 + self._at("sigma", t, x0) * eps
 
     # -------------------------- 2. v-prediction (Common Diffusion, sec. 3.2) --------------------------
     def v_target(self, x0, eps, t):
         """v = alpha_t eps - sigma_t x0: the training target of v-prediction."""
-        return self._at(self.alpha, t, x0) * eps - self._at(self.sigma, t, x0) * x0
+        return self._at("alpha", t, x0) * eps - self._at("sigma", t, x0) * x0
 
     def pred_to_x0_eps(self, x_t, v, t):
         """x0_hat = alpha_t x_t - sigma_t v and eps_hat = sigma_t x_t + alpha_t v. Neither divides by
         alpha_t, which is 0 at t = T-1 under zero terminal SNR (eps-prediction is undefined there)."""
-        alpha, sigma = self._at(self.alpha, t, x_t), self._at(self.sigma, t, x_t)
+        alpha, sigma = self._at("alpha", t, x_t), self._at("sigma", t, x_t)
         return alpha * x_t - sigma * v, sigma * x_t + alpha * v
 
     def timesteps(self, steps, spacing="trailing"):
         """Descending sampling timesteps (Common Diffusion, Table 2; diffusers' `timestep_spacing`).
         trailing: round(T, T - T/S, ..., T/S) - 1, starts at T-1 where the model sees pure noise (recommended);
-        leading:  0, T//S, 2T//S, ... reversed, never reaches T-1;  linspace: round(linspace(0, T-1, S)) reversed."""
+        leading:  0, T//S, 2T//S, ... reversed, never reaches T-1;  linspace: round(linspace(0, T-1, S)) reversed.
+        A numpy array: the sampler's loop runs on the host, so its timesteps are never device tensors."""
         T = self.T
         if not 1 <= steps <= T:
             raise ValueError(f"steps must be in 1..{T}, got {steps}")
@@ -132,7 +138,7 @@ class Schedule:
             t = np.linspace(0, T - 1, steps).round()[::-1]
         else:
             raise ValueError(f"unknown spacing {spacing!r}: use trailing, leading or linspace")
-        return torch.from_numpy(t.copy()).long()
+        return t.astype(np.int64)                                # host values: the sampler's loop runs on the host
 
 
 # =================================================================================================
@@ -165,7 +171,10 @@ class Attention(nn.Module):
 
     def forward(self, x):
         N, C, H, W = x.shape
-        q, k, v = self.qkv(self.norm(x)).reshape(N, 3, self.heads, C // self.heads, H * W).permute(1, 0, 2, 4, 3)
+        qkv = self.qkv(self.norm(x)).reshape(N, 3, self.heads, C // self.heads, H * W)
+        # PITFALL: permuting alone leaves the head dimension d with stride H*W; SDPA then silently takes its slow
+        # math kernel. Contiguous (N, heads, H*W, d) lets it pick a fused (flash / memory-efficient) one.
+        q, k, v = qkv.transpose(3, 4).contiguous().unbind(1)     # each (N, heads, H*W, C/heads), stride 1 last
         h = F.scaled_dot_product_attention(q, k, v)               # (N, heads, H*W, C/heads)
         return x + self.proj(h.transpose(2, 3).reshape(N, C, H, W))
 
@@ -807,11 +816,19 @@ def schedule_from(cfg):
     return Schedule(cfg["T"], cfg["betas"], zero_terminal_snr=True)
 
 
+def native_bf16(device):
+    """Whether `device` computes bf16 natively: CUDA of compute capability 8.0 or more (A100, H100, RTX 30xx on),
+    read from the run's own device. (PITFALL: torch.cuda.is_bf16_supported() counts emulated bf16, as on V100 and
+    T4, in newer torch, and looks at the current device, not necessarily the run's.) TF32 exists on the same GPUs."""
+    device = torch.device(device)
+    return device.type == "cuda" and torch.cuda.get_device_capability(device) >= (8, 0)
+
+
 def resolve_precision(device, precision):
-    """auto -> bf16 on CUDA with bf16 support, fp32 elsewhere (on a CPU without native bf16, bf16 is ~15x slower;
-    on Apple's mps, fp32)."""
+    """auto -> bf16 where the device has native bf16 (native_bf16), fp32 elsewhere (on a CPU without native bf16,
+    bf16 is ~15x slower; on Apple's mps, fp32)."""
     if precision == "auto":
-        return "bf16" if torch.device(device).type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+        return "bf16" if native_bf16(device) else "fp32"
     return precision
 
 
@@ -901,12 +918,13 @@ def origin_of(init):
 
 class Batches:
     """Deterministic batches: the DistributedSampler's shuffled order (seed, epoch) split over ranks, so
-    batch `step` is a function of (seed, step, rank) alone and a resumed run reads the same data."""
+    batch `step` is a function of (seed, step, rank) alone and a resumed run reads the same data. The order of an
+    epoch is made once, on `device` (where the images are), so that a step copies nothing from the host."""
 
-    def __init__(self, n, batch_per_rank, rank, world, seed):
+    def __init__(self, n, batch_per_rank, rank, world, seed, device="cpu"):
         from torch.utils.data import DistributedSampler
         self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.b = batch_per_rank
+        self.b, self.device = batch_per_rank, device
         self.per_epoch = len(self.sampler) // batch_per_rank
         if self.per_epoch == 0:
             raise UsageError(f"the data set ({n} images) is smaller than one batch per rank ({batch_per_rank})")
@@ -917,7 +935,7 @@ class Batches:
         epoch, i = divmod(step, self.per_epoch)
         if epoch != self.epoch:
             self.sampler.set_epoch(epoch)
-            self.epoch, self.order = epoch, torch.tensor(list(self.sampler))
+            self.epoch, self.order = epoch, torch.tensor(list(self.sampler), device=self.device)
         return self.order[i * self.b:(i + 1) * self.b]
 
 
@@ -956,52 +974,104 @@ def learning_rate(cfg, step):
     return lr
 
 
+METRICS = "metrics.jsonl"    # every run folder: one JSON line per log step (step, loss, lr, img_s, grad_norm, seconds)
+STOP_EVERY = 10              # under DDP the ranks agree on a stop signal every this many steps (one host sync)
+DATA_TIMEOUT = datetime.timedelta(minutes=60)   # the process group's timeout: it covers rank 0's download of the data
+
+
+def continued_run(cfg, ckpt, out, init):
+    """Whether train into `out`, which holds checkpoint `ckpt`, may continue it: with --resume, when no flag given
+    changes the run; without, when it IS this run (every setting but those RESUMABLE_KEYS lists, and for a stage 2
+    its origin: the --init weights' step and hash). Anything else is refused in one line: train never starts over
+    on top of a checkpoint. (Every rank reads `out`: under torchrun on several nodes it is on a shared filesystem.)"""
+    if not {"model", "optimizer", "step"} <= ckpt.keys():
+        raise UsageError(f"{out}/ckpt.pt has no optimizer state or step: it cannot be continued; give a new --out")
+    saved = {**TRAIN_DEFAULTS, **ckpt["config"]}                   # older runs lack newer keys
+    if cfg["resume"]:
+        changed = sorted(k for k, v in cfg.items() if k not in RESUMABLE_KEYS | {"out"} and v != TRAIN_DEFAULTS[k]
+                         and v != saved.get(k))
+        if changed:
+            raise UsageError(f"--resume continues the run as it was configured; cannot change {', '.join(changed)}")
+    else:
+        changed = sorted(k for k in TRAIN_DEFAULTS if k not in RESUMABLE_KEYS | {"out", "init"} and cfg[k] != saved[k])
+        if (origin_of(init) if init is not None else None) != ckpt.get("origin"):
+            changed.append("the --init weights")
+        if changed:
+            raise UsageError(f"--out {out} holds a run of another configuration ({', '.join(changed)} differ): "
+                             f"continue that one with --resume {out}, or give a new --out")
+    if saved["cooldown"] and cfg["steps"] != saved["steps"]:
+        raise UsageError(f"{out} cools its rate down; it continues only to the {saved['steps']} steps it was "
+                         f"configured with (--steps {saved['steps']})")
+    if ckpt["step"] > cfg["steps"]:
+        raise UsageError(f"{out} holds {ckpt['step']} steps, more than --steps {cfg['steps']}: give a new --out")
+    return {**saved, **{k: cfg[k] for k in RESUMABLE_KEYS}, "out": out}
+
+
+def metrics_log(out, step):
+    """The run's metrics log, open for appending, with every line past `step` (the checkpoint the run continues
+    from) dropped, so that after a kill the log and the checkpoint agree again; a new run starts it empty."""
+    path, kept = os.path.join(out, METRICS), []
+    if step and os.path.isfile(path):
+        with open(path) as f:
+            for line in f:
+                try:
+                    if json.loads(line)["step"] > step:
+                        break
+                except (ValueError, KeyError):                       # a line cut short by the kill
+                    break
+                kept.append(line)
+    with open(path + ".tmp", "w") as f:
+        f.writelines(kept)
+    os.replace(path + ".tmp", path)
+    return open(path, "a")
+
+
 def train(cfg, log=print):
     """Train with cfg["loss"] (see TRAIN_ARGS) and return (ema_model, stats). Launched by torchrun, it runs
     data-parallel: every rank computes its share of the global batch, DDP averages the gradients, so every
-    rank holds the same weights after each step; rank 0 alone logs, samples and writes checkpoints."""
+    rank holds the same weights after each step; rank 0 alone logs, samples and writes checkpoints. An --out that
+    holds a checkpoint is continued (or, finished, left as it is) when it is the same run, else refused."""
     cfg = {**TRAIN_DEFAULTS, **cfg}
     check_config(cfg)
     rank, world, local_rank = distributed()
     device = torch.device(cfg["device"])
-    if world > 1:
-        if device.type == "cuda":
-            device = torch.device("cuda", local_rank)
-            torch.cuda.set_device(device)
-        if not dist.is_initialized():
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
-    if cfg["batch_size"] % world:
-        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
     master = rank == 0
     out = cfg["resume"] or cfg["out"]
 
-    # ---- state: fresh, from a stage-1 checkpoint (--init), or resumed (--resume) ----
+    # ---- state: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's --out) ----
+    init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None  # a bad path fails first
     ckpt, step = None, 0
-    if cfg["resume"]:
-        ckpt = load_checkpoint(os.path.join(cfg["resume"], "ckpt.pt"))
-        if not {"model", "optimizer", "step"} <= ckpt.keys():
-            raise UsageError(f"{cfg['resume']}/ckpt.pt has no optimizer state or step: it cannot be resumed")
-        changed = {k for k, v in cfg.items() if k not in RESUMABLE_KEYS and k != "out" and v != TRAIN_DEFAULTS[k]
-                   and v != ckpt["config"].get(k)}
-        if changed:
-            raise UsageError(f"--resume continues the run as it was configured; cannot change {', '.join(sorted(changed))}")
-        if ckpt["config"].get("cooldown") and cfg["steps"] != ckpt["config"]["steps"]:
-            raise UsageError(f"--resume: {cfg['resume']} cools its rate down; it continues only to the "
-                             f"{ckpt['config']['steps']} steps it was configured with (--steps {ckpt['config']['steps']})")
-        cfg = {**TRAIN_DEFAULTS, **ckpt["config"], **{k: cfg[k] for k in RESUMABLE_KEYS}, "out": out}  # older runs lack newer keys
-        step = ckpt["step"]
+    if cfg["resume"] or os.path.isfile(os.path.join(out, "ckpt.pt")):
+        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
+        if step == cfg["steps"]:                                   # finished: nothing is trained or written
+            if master:
+                log(f"reusing the finished run in {out} ({step} steps): left as it is")
+            ema = model_from_checkpoint(ckpt).to(device).eval()
+            return ema, {"steps": step, "total_steps": ckpt.get("total_steps", step), "reused": True,
+                         "train_seconds": ckpt.get("train_seconds", 0.0),
+                         "params": sum(p.numel() for p in ema.parameters()),
+                         "config": ckpt["config"], "model": None, "origin": ckpt.get("origin"), "stopped": False}
+    if cfg["batch_size"] % world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
     writable_dir(out, "--resume" if cfg["resume"] else "--out")       # every rank, before any data is loaded or step taken
-    init = load_checkpoint(cfg["init"]) if cfg["init"] and ckpt is None else None   # a bad path fails before the data loads
     # Rank 0 alone downloads or prepares the data, then the others read it: no race on one download folder.
     images, labels, class_names, flip_ok = rank0_first(world, lambda: load_dataset(
         cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"]))
+    if device.type == "cuda" and images.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
+        images, labels = images.to(device), labels.to(device)     # CIFAR-10 is 153 MB: no host copy per step
     cfg["num_classes"] = 0 if cfg["unconditional"] else len(class_names)
     torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
     model = UNet(**model_kwargs(cfg)).to(device)
     perceptual_net = None
     if ckpt is not None:
         load_weights(model, ckpt["model"], "the resumed checkpoint")
-    elif cfg["init"]:
+    elif init is not None:
         check_same_arch(cfg, init, cfg["init"])
         load_weights(model, init["ema"], f"--init {cfg['init']}")
     ema = frozen_copy(model)
@@ -1021,27 +1091,28 @@ def train(cfg, log=print):
         load_weights(opt, ckpt["optimizer"], "the resumed optimizer state")
     schedule = schedule_from(cfg)
     n_params = sum(p.numel() for p in model.parameters())
-    net = model
-    if cfg["compile"]:
-        net = torch.compile(net)
+    net = torch.compile(model) if cfg["compile"] else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **{v: cfg[k] for k, v in SP_ABLATION_KEYS.items()})
-    batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"])
+    batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"], images.device)
     cfg["precision"] = resolve_precision(device, cfg["precision"])   # stored as run: "auto" means another thing elsewhere
     amp = autocast(device, cfg["precision"])
+    metrics = None
     if master:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
-        if cfg["resume"]:
+        metrics = metrics_log(out, step)
+        if ckpt is not None:
             log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
         held = "" if cfg["data"] in ("shapes", "cifar10") else f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
         log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images{held}, {cfg['num_classes']} classes), "
             f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
 
     def checkpoint():
-        """Rank 0 writes everything a resume needs, atomically."""
+        """Rank 0 writes everything a resume needs, atomically, after the metrics log up to this step."""
         if master:
+            metrics.flush()
             state = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
                      "optimizer": opt.state_dict(), "train_seconds": seconds_before + time.time() - t0,
                      "origin": origin, "total_steps": steps_before + step}
@@ -1056,10 +1127,16 @@ def train(cfg, log=print):
 
     fixed_noise = torch.randn(64, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
     fixed_y = torch.arange(64) % max(cfg["num_classes"], 1)
+    ema_params, params = list(ema.parameters()), list(model.parameters())
+    # Sums since the last log line and the first step whose loss was not finite (NEVER: none), kept on the device:
+    # the host reads them only at log, checkpoint and stop-poll steps, so the other steps never wait for the GPU.
+    NEVER = 2 ** 62
+    loss_sum, gnorm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
+    first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
     model.train()
-    t0, t_log, start_step, log_step, loss_sum = time.time(), time.time(), step, step, 0.0
+    t0, t_log, start_step, log_step = time.time(), time.time(), step, step
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if device.type == "cuda":                                      # restored when training ends (evaluation is fp32)
+    if native_bf16(device):                                        # restored when training ends (evaluation is fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
     try:
         while step < cfg["steps"]:
@@ -1081,32 +1158,50 @@ def train(cfg, log=print):
             with amp:
                 loss = loss_of(x0, y)
             loss.backward()
-            flags = torch.tensor([loss.item(), float(stop["signal"] is not None)], device=device)
-            if world > 1:
-                dist.all_reduce(flags)                               # every rank sees the same loss and stop flag
-                flags[0] /= world
-            if not math.isfinite(flags[0].item()):
-                last = os.path.join(out, "ckpt.pt")
-                raise FloatingPointError(f"loss is {flags[0].item()} at step {step}; stopped without writing a checkpoint"
-                                         + (f"; the last good one is {last}" if os.path.exists(last) else ""))
-            torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+            gnorm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
             opt.step()
             opt.zero_grad(set_to_none=True)
-            # EMA of the weights; the warm-up keeps short runs from averaging in the random initialisation.
+            # EMA of the weights, every tensor in a few kernels; the warm-up keeps short runs from averaging in the
+            # random initialisation.
             decay = min(cfg["ema_decay"], (1 + step) / (10 + step))
             with torch.no_grad():
-                for p_ema, p in zip(ema.parameters(), model.parameters()):
-                    p_ema.lerp_(p, 1 - decay)
+                torch._foreach_lerp_(ema_params, params, 1 - decay)
+                loss_sum += loss.detach().float()
+                gnorm_sum += gnorm
+                first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=step))
             step += 1
-            loss_sum += flags[0].item()
-            if master and (step % cfg["log_every"] == 0 or step == cfg["steps"]):
-                now = time.time()
-                n_log = step - log_step                                   # steps since the last line (a resume starts mid-way)
-                ips = n_log * cfg["batch_size"] / (now - t_log)
-                left = (cfg["steps"] - step) * (now - t0) / (step - start_step)
-                log(f"step {step}/{cfg['steps']} | loss {loss_sum / n_log:.4f} | {ips:.1f} img/s | lr {lr:.2e} | "
-                    f"{left / 60:.1f} min left")
-                t_log, log_step, loss_sum = now, step, 0.0
+            log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
+            write_now = step % cfg["ckpt_every"] == 0 and step < cfg["steps"] or step == cfg["guide_at"]
+            poll = stop["signal"] is not None if world == 1 else step % STOP_EVERY == 0
+            stopping = False
+            if log_now or write_now or poll:
+                # The loop's one host sync, at these steps alone: the sums, the first bad step, every rank's stop flag.
+                stop_flag = torch.full((), float(stop["signal"] is not None), device=device)
+                sums = torch.stack([loss_sum, gnorm_sum, stop_flag])
+                bad = first_bad.clone()
+                if world > 1:
+                    dist.all_reduce(sums)                                # every rank sees the same loss and stop flag
+                    dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+                    sums[:2] /= world
+                (loss_total, gnorm_total, stopping), bad = sums.tolist(), int(bad)
+                if bad != NEVER:
+                    last = os.path.join(out, "ckpt.pt")
+                    raise FloatingPointError(f"loss is not finite at step {bad}; stopped without writing a checkpoint"
+                                             + (f"; the last good one is {last}" if os.path.exists(last) else ""))
+                if log_now:
+                    now = time.time()
+                    n_log = step - log_step                     # steps since the last line (a resume starts mid-way)
+                    if master:
+                        rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
+                               (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
+                        metrics.write(json.dumps(rec) + "\n")
+                        metrics.flush()
+                        left = (cfg["steps"] - step) * (now - t0) / (step - start_step)
+                        log(f"step {step}/{cfg['steps']} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | "
+                            f"lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
+                    t_log, log_step = now, step
+                    loss_sum.zero_()
+                    gnorm_sum.zero_()
             if master and cfg["sample_every"] and step % cfg["sample_every"] == 0:
                 with amp:
                     x = sample(ema, schedule, fixed_noise.shape, fixed_y.to(device) if cfg["num_classes"] else None,
@@ -1117,15 +1212,18 @@ def train(cfg, log=print):
             if master and step == cfg["guide_at"]:                 # the weaker model that autoguidance guides with
                 save_checkpoint(os.path.join(out, "guide.pt"), {"config": cfg, "step": step, "ema": ema.state_dict(),
                                                                  "model": ema.state_dict(), "total_steps": step})
-            if flags[1] > 0:
+            if stopping:
                 break
         checkpoint()
     finally:
         for s, h in old_handlers.items():
             signal.signal(s, h)
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if metrics is not None:
+            metrics.close()
     if stop["signal"] is not None and master:
-        log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written, continue with --resume {out}")
+        log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written: run the same command again "
+            f"to continue (or --resume {out})")
     return ema, {"steps": step, "total_steps": steps_before + step, "train_seconds": seconds_before + time.time() - t0,
                  "params": n_params, "config": cfg, "model": model, "origin": origin, "stopped": stop["signal"] is not None}
 

@@ -1072,3 +1072,230 @@ def test_mps_is_accepted_where_torch_has_it_and_refused_in_one_line_where_not(mo
     with pytest.raises(pd.UsageError, match="bf16 is not supported on mps"):
         pd.check_config({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
     assert pd.resolve_precision("mps", "auto") == "fp32"
+
+
+# ------------------------------- devices: right by construction without a GPU -------------------------------
+# FakeTensorMode puts modules and tensors on a fake cuda device and raises on a cross-device op as CUDA would (forward
+# only); the meta device runs a backward; a dispatch mode counts host reads. See shared GPU_NOTES.
+
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+
+
+class CountOps(TorchDispatchMode):
+    """Counts host reads (aten._local_scalar_dense: .item(), .tolist(), float(t), `if t`) and copies from the CPU
+    to another device (aten._to_copy)."""
+
+    def __init__(self):
+        super().__init__()
+        self.host_reads, self.copies_from_cpu = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.host_reads += 1
+        if (func is torch.ops.aten._to_copy.default and args[0].device.type == "cpu"
+                and kwargs.get("device") is not None and torch.device(kwargs["device"]).type != "cpu"):
+            self.copies_from_cpu += 1
+        return func(*args, **kwargs)
+
+
+def fake_gpu():
+    """A fake cuda device on a CPU-only machine: everything created inside lives on fake cuda:0."""
+    return FakeTensorMode(allow_non_fake_inputs=True), torch.device("cuda")
+
+
+def test_attention_hands_sdpa_a_contiguous_head_dimension_and_gives_the_textbook_result(monkeypatch):
+    seen, real = [], F.scaled_dot_product_attention
+    monkeypatch.setattr(pd.F, "scaled_dot_product_attention", lambda q, k, v: seen.append((q, k, v)) or real(q, k, v))
+    torch.manual_seed(0)
+    att, x = pd.Attention(64), torch.randn(2, 64, 4, 4)
+    out = att(x)
+    (q, k, v), = seen
+    assert q.shape == (2, 2, 16, 32) and all(t.stride()[-2:] == (32, 1) for t in (q, k, v))   # (N, heads, HW, d)
+    qkv = att.qkv(att.norm(x)).reshape(2, 3, 2, 32, 16)                  # by hand: softmax(q k^T / sqrt d) v
+    q0, k0, v0 = qkv[:, 0].transpose(2, 3), qkv[:, 1].transpose(2, 3), qkv[:, 2].transpose(2, 3)
+    h = torch.softmax(q0 @ k0.transpose(2, 3) / 32 ** 0.5, -1) @ v0
+    assert torch.allclose(out, x + att.proj(h.transpose(2, 3).reshape(2, 64, 4, 4)), atol=1e-5)
+
+
+def test_model_objectives_ablations_and_sampler_run_on_a_fake_gpu_with_no_cross_device_op():
+    schedule = pd.Schedule(1000)                                         # made on the CPU, as train makes it
+    mode, cuda = fake_gpu()
+    with mode, cuda:
+        model, f_star, guide = tiny_unet(), tiny_unet(1), tiny_unet(2)   # f*: a second module (no deepcopy in the mode)
+        x0, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+        assert model(x0, torch.randint(0, 1000, (4,)), y).device.type == "cuda"
+        assert pd.mse_loss(model, schedule, x0, y).device.type == "cuda"
+        for ablation in ({}, dict(features="all"), dict(t_prime_mode="same"), dict(distance="mae")):
+            assert pd.self_perceptual_loss(model, f_star, schedule, x0, y, **ablation).device.type == "cuda"
+        for kw in (dict(cfg_scale=2.0, cfg_rescale=0.7), dict(cfg_scale=2.0, guide=guide), dict(eta=1.0)):
+            assert pd.sample(model, schedule, (4, 3, 8, 8), y, steps=3, **kw).device.type == "cuda"
+
+
+def test_a_table_kept_on_the_cpu_fails_on_the_fake_gpu_so_the_test_above_can_fail():
+    mode, cuda = fake_gpu()
+    table = torch.arange(10.0)
+    with mode, cuda, pytest.raises(Exception, match="device"):
+        torch.zeros(4).index_add_(0, torch.arange(4), table[:4].to("cpu"))
+    with mode, cuda, pytest.raises(Exception, match="device"):
+        torch.randn(4) + table[:4]
+
+
+def test_schedule_tables_reach_the_device_once_not_at_every_call():
+    schedule, counter = pd.Schedule(1000), CountOps()
+    mode, cuda = fake_gpu()
+    with mode, cuda:
+        model, f_star = tiny_unet(), tiny_unet(1)
+        x0, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+        pd.self_perceptual_loss(model, f_star, schedule, x0, y)          # the first call copies each table once
+        with counter:
+            pd.self_perceptual_loss(model, f_star, schedule, x0, y)
+            pd.mse_loss(model, schedule, x0, y)
+    assert counter.copies_from_cpu == 0
+
+
+def test_a_training_step_runs_forward_and_backward_on_the_meta_device():
+    schedule = pd.Schedule(1000)
+    with torch.device("meta"):
+        model, f_star = pd.UNet(**TINY), pd.UNet(**TINY).requires_grad_(False)
+        x0, y = torch.randn(4, 3, 8, 8), torch.randint(0, 3, (4,))
+    for loss in (pd.mse_loss(model, schedule, x0, y), pd.self_perceptual_loss(model, f_star, schedule, x0, y)):
+        loss.backward()
+    assert all(p.grad is not None and p.grad.device.type == "meta" for p in model.parameters())
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    torch._foreach_lerp_(list(f_star.parameters()), list(model.parameters()), 0.1)
+
+
+def test_training_steps_between_log_steps_read_nothing_on_the_host(tmp_path, monkeypatch):
+    """A CUDA step runs ahead of the GPU only if nothing waits for it: count host reads step by step."""
+    counter, reads, real = CountOps(), {}, pd.Batches.indices
+
+    def indices(self, step):                       # each step starts here: close the last step's count, open one
+        if step:
+            counter.__exit__(None, None, None)
+            reads[step - 1] = counter.host_reads
+        counter.host_reads = 0
+        out = real(self, step)
+        counter.__enter__()
+        return out
+    monkeypatch.setattr(pd.Batches, "indices", indices)
+    # AdamW (capturable=False, torch's default) keeps its step counters as host tensors on every device and reads
+    # them with .item(): no wait for the GPU, so its step is not counted here (the next test checks where they live).
+    adam_step = torch.optim.AdamW.step
+
+    def uncounted_step(self, *a, **k):
+        counter.__exit__(None, None, None)
+        try:
+            return adam_step(self, *a, **k)
+        finally:
+            counter.__enter__()
+    monkeypatch.setattr(torch.optim.AdamW, "step", uncounted_step)
+    for loss, extra in (("mse", {}), ("self-perceptual", {"init": str(tmp_path / "mse" / "ckpt.pt")})):
+        reads.clear()
+        try:
+            tiny_train(tmp_path, "mse" if loss == "mse" else "sp", steps=9, log_every=4, loss=loss, **extra)
+        finally:
+            counter.__exit__(None, None, None)
+        assert [reads[s] for s in (0, 1, 2, 4, 5, 6)] == [0] * 6, (loss, reads)   # steps 1-3, 5-7: no read at all
+        assert reads[3] > 0 and reads[7] > 0                                  # log steps 4 and 8 read the sums
+
+
+def test_adamw_keeps_its_step_counters_on_the_host_when_the_weights_are_on_a_gpu():
+    mode, cuda = fake_gpu()
+    with mode, cuda:
+        model = tiny_unet()
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        for p in model.parameters():
+            p.grad = torch.randn_like(p)
+        opt.step()
+    assert all(s["step"].device.type == "cpu" and s["exp_avg"].device.type == "cuda" for s in opt.state.values())
+
+
+@pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])
+def test_auto_precision_is_bf16_only_where_the_runs_own_gpu_has_native_bf16(capability, expected, monkeypatch):
+    asked = []
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda d=None: asked.append(d) or capability)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)   # emulation counts here: not used
+    assert pd.resolve_precision("cuda:1", "auto") == expected and asked == [torch.device("cuda:1")]
+    assert pd.resolve_precision("cpu", "auto") == "fp32" and pd.resolve_precision("cuda:1", "fp32") == "fp32"
+
+
+# ----------------------------------- a stage is never lost, a run is watchable -----------------------------------
+
+def test_train_into_a_finished_run_leaves_it_untouched(tmp_path):
+    tiny_train(tmp_path, steps=3)
+    files = {f: os.path.getmtime(tmp_path / "run" / f) for f in os.listdir(tmp_path / "run")}
+    logs = []
+    ema, stats = pd.train({**TINY_CFG, "out": str(tmp_path / "run"), "steps": 3, "ckpt_every": 100}, log=logs.append)
+    assert stats["reused"] and logs == [f"reusing the finished run in {tmp_path / 'run'} (3 steps): left as it is"]
+    assert {f: os.path.getmtime(tmp_path / "run" / f) for f in os.listdir(tmp_path / "run")} == files
+
+
+def test_train_into_an_interrupted_run_of_the_same_configuration_continues_it(tmp_path):
+    tiny_train(tmp_path, "ab", steps=2)
+    logs = []
+    pd.train({**TINY_CFG, "out": str(tmp_path / "ab"), "steps": 5, "ckpt_every": 100}, log=logs.append)
+    tiny_train(tmp_path, "straight", steps=5)
+    a, b = (pd.load_checkpoint(str(tmp_path / d / "ckpt.pt")) for d in ("ab", "straight"))
+    assert logs[0] == f"resumed from {tmp_path / 'ab' / 'ckpt.pt'} at step 2" and a["step"] == 5
+    assert all(torch.equal(a["ema"][k], b["ema"][k]) for k in a["ema"])
+
+
+@pytest.mark.parametrize("change, named", [(["--lr", "0.01"], "lr"), (["--seed", "3"], "seed"),
+                                           (["--loss", "self-perceptual", "--init", "OTHER"], "loss")])
+def test_train_into_a_folder_holding_another_run_is_refused_in_one_line_and_leaves_it(change, named, tmp_path, capsys):
+    tiny_train(tmp_path, steps=2)
+    tiny_train(tmp_path, "other", steps=1)
+    before = open(tmp_path / "run" / "ckpt.pt", "rb").read()
+    change = [str(tmp_path / "other" / "ckpt.pt") if c == "OTHER" else c for c in change]
+    argv = ["train", *TINY_FLAGS, "--warmup", "1", "--lr", "1e-3", "--log-every", "1", "--sample-every", "0",
+            "--device", "cpu", "--steps", "4", "--out", str(tmp_path / "run"), *change]
+    assert pd.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and named in err and "--resume" in err and "new --out" in err
+    assert open(tmp_path / "run" / "ckpt.pt", "rb").read() == before
+
+
+def test_a_stage_2_into_a_folder_of_a_stage_2_from_other_stage_1_weights_is_refused(tmp_path):
+    tiny_train(tmp_path, "mse", steps=2)
+    init = str(tmp_path / "mse" / "ckpt.pt")
+    tiny_train(tmp_path, "sp", steps=2, loss="self-perceptual", init=init)
+    tiny_train(tmp_path, "mse", steps=3)                              # stage 1 continued in place: other weights
+    with pytest.raises(pd.UsageError, match="the --init weights"):
+        tiny_train(tmp_path, "sp", steps=4, loss="self-perceptual", init=init)
+
+
+def metrics(run):
+    return [json.loads(line) for line in open(os.path.join(run, pd.METRICS))]
+
+
+def test_every_run_folder_has_a_metrics_log_of_each_log_step_continued_across_a_resume(tmp_path):
+    tiny_train(tmp_path, steps=4, log_every=2)
+    pd.train({**TINY_CFG, "resume": str(tmp_path / "run"), "steps": 6, "log_every": 2}, log=lambda s: None)
+    lines = metrics(tmp_path / "run")
+    assert [r["step"] for r in lines] == [2, 4, 6]
+    assert all(set(r) == {"step", "loss", "lr", "img_s", "grad_norm", "seconds"} for r in lines)
+    assert all(math.isfinite(r["loss"]) and r["grad_norm"] > 0 and r["img_s"] > 0 for r in lines)
+    assert lines[0]["seconds"] < lines[1]["seconds"] < lines[2]["seconds"]
+
+
+def test_a_run_killed_with_sigkill_continues_from_its_last_checkpoint_when_its_command_is_run_again(tmp_path):
+    run = tmp_path / "run"
+    argv = [sys.executable, os.path.join(HERE, "perceptual_diffusion.py"), "train", *TINY_FLAGS, "--steps", "60",
+            "--log-every", "1", "--ckpt-every", "5", "--sample-every", "0", "--device", "cpu", "--out", str(run)]
+    p = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in p.stdout:                                          # past a checkpoint, not at one
+        if line.startswith("step 7/"):
+            break
+    p.kill()                                                       # SIGKILL: no handler, no last checkpoint
+    p.communicate(timeout=60)
+    step = pd.load_checkpoint(str(run / "ckpt.pt"))["step"]
+    assert 5 <= step < 60 and step % 5 == 0
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert f"resumed from {run / 'ckpt.pt'} at step {step}" in r.stdout
+    assert [m["step"] for m in metrics(run)] == list(range(1, 61))      # the lines past the checkpoint were dropped
+    before = open(run / "ckpt.pt", "rb").read()
+    r = subprocess.run(argv, capture_output=True, text=True, timeout=300)   # finished: launched again, untouched
+    assert r.returncode == 0 and "left as it is" in r.stdout and open(run / "ckpt.pt", "rb").read() == before
