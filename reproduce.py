@@ -127,7 +127,8 @@ def pairwise(a, b, fn, block=2048):
 def knn_radius(x, k):
     """The distance from each point to its k-th nearest *other* point of its own set.  # (n, D) -> (n,)"""
     def kth(d, i):
-        d[torch.arange(len(d)), torch.arange(i, i + len(d))] = math.inf          # exclude the point itself
+        rows = torch.arange(len(d), device=d.device)
+        d[rows, rows + i] = math.inf                                           # exclude the point itself
         return d.kthvalue(k, 1).values
     return pairwise(x, x, kth)
 
@@ -188,13 +189,14 @@ def resampled_prdc(real, fake, w, k_pr=3, k_dc=5, chunk=64, near=32):
             others = d_ff[j][drawn[c]]
             radius[c, j] = others.kthvalue(k_pr).values if (others < math.inf).sum() >= k_pr else math.nan
         ok = drawn[:, rec_j] & (d_rf[rec_r, rec_j] <= radius[:, rec_j])        # (c, pairs)
-        hit = torch.zeros(len(drawn), m, dtype=torch.float64).index_add_(1, rec_r, ok.double())
+        hit = torch.zeros(len(drawn), m, dtype=torch.float64, device=real.device).index_add_(1, rec_r, ok.double())
         for c, j in far:                                                        # their balls reach past the kept pairs
             if drawn[c, j]:
                 hit[c] += (d_rf[:, j] <= radius[c, j]).double()
         rec = hit.gt(0).double().mean(1)
         recall.append(rec.masked_fill(drawn.sum(1) <= k_pr, math.nan))      # no k_pr-th neighbour: no recall
-        hit = torch.zeros(len(drawn), m, dtype=torch.float64).index_add_(1, cov_r, drawn[:, cov_j].double())
+        hit = torch.zeros(len(drawn), m, dtype=torch.float64, device=real.device).index_add_(1, cov_r,
+                                                                                   drawn[:, cov_j].double())
         coverage.append(hit.gt(0).double().mean(1))
     return {**out, "recall": torch.cat(recall), "coverage": torch.cat(coverage)}
 
@@ -262,12 +264,19 @@ class FIDInception(nn.Module):
         return f, x.new_zeros(len(x), 0)
 
 
+def as_saved(x):
+    """Images as they are saved and read back (uint8 PNGs, as the published FID protocol measures them): samples in
+    [-1, 1] clamped and rounded to uint8; uint8 images as they are (contiguous: a permuted array read from a file
+    takes other kernels, whose float sums differ in the 8th digit). Every ruler measures what this returns."""
+    return (x if x.dtype == torch.uint8 else to_uint8(x)).contiguous()
+
+
 @torch.no_grad()
 def extract(net, images, device, batch=250):
-    """Features (float64) and logits of images given as uint8 or in [-1, 1]."""
+    """Features (float64) and logits of images given as uint8 or in [-1, 1] (quantised first: as_saved)."""
     feats, logits = [], []
-    for x in images.split(batch):
-        x = to_model_range(x) if x.dtype == torch.uint8 else x
+    for x in as_saved(images).split(batch):
+        x = to_model_range(x)
         f, lg = net(x.to(device).float())
         feats.append(f.double().cpu())
         logits.append(lg.float().cpu())
@@ -311,7 +320,8 @@ def pixel_summary(x):
                          p.std((1, 2, 3), unbiased=False)], 1)
     H, W = p.shape[-2:]
     power = torch.fft.fft2(p - p.mean((2, 3), keepdim=True)).abs().pow(2).mean(1)     # (N, H, W)
-    r = ((torch.fft.fftfreq(H) * H)[:, None] ** 2 + (torch.fft.fftfreq(W) * W)[None] ** 2).sqrt().round()
+    fy, fx = torch.fft.fftfreq(H, device=p.device) * H, torch.fft.fftfreq(W, device=p.device) * W
+    r = (fy[:, None] ** 2 + fx[None] ** 2).sqrt().round()
     spectrum = torch.stack([power[:, r == k].mean(1) for k in range(1, int(r.max()) + 1)], 1)   # corners included
     return stats.double(), spectrum.double()
 
@@ -375,7 +385,8 @@ class Ruler:
         real_n = min(real_n, len(heldout))                         # a small folder has fewer images
         self.heldout, self.heldout_y, self.real_n, self.class_names = heldout, heldout_y, real_n, names
         self.protocol = {"features": features, "second_features": "random", "real_images": real_n,
-                         "real_split": split, "data": data}
+                         "real_split": split, "data": data, "samples_measured_as": "saved uint8 images (clamped, "
+                         "rounded), as the published FID protocol measures them"}
         missing = [names[c] for c in range(len(names)) if not (heldout_y[:real_n] == c).any()]
         if missing:                                                # a class of one image is never held out
             self.protocol["classes_not_in_real_images"] = missing
@@ -466,12 +477,13 @@ class Ruler:
         return out
 
     def summarize(self, x, y):
-        """Per-image quantities of images x (uint8, or in [-1, 1]) with requested labels y (None: unconditional)."""
-        feat, logits = {}, None
+        """Per-image quantities of images x (uint8, or in [-1, 1]: measured as saved, as_saved) with requested labels
+        y (None: unconditional)."""
+        feat, logits, x = {}, None, as_saved(x)
         for name, net in self.nets.items():
             feat[name], lg = extract(net, x, self.device)
             logits = lg if logits is None else logits
-        stats, spectrum = pixel_summary(to_model_range(x) if x.dtype == torch.uint8 else x)
+        stats, spectrum = pixel_summary(to_model_range(x))
         return {"feat": feat, "logits": logits, "y": y, "stats": stats, "spectrum": spectrum}
 
     def metrics(self, s, w, distances=True):
@@ -654,34 +666,23 @@ BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out", 
 
 
 def run_stage(cfg, log, origin=None):
-    """train(cfg), except that a finished run of the same configuration in cfg["out"] is reused and an
-    interrupted one is resumed: rerunning reproduce, or adding --ablations, never retrains a finished stage.
-    A stage 2 is reused or resumed only if it started from the very weights of its --init checkpoint (their step
-    and hash), else it is trained anew: a stage 1 continued in place makes every stage 2 on it stale. A folder
-    holding a run of another configuration is refused rather than overwritten. origin: that of the --init
-    weights (origin_of), from the stage-1 model the caller holds, so the checkpoint is not opened again."""
+    """train(cfg), which continues a run of this configuration in cfg["out"] (an interrupted one resumes, a finished
+    one is reused: rerunning reproduce, or adding --ablations, never retrains a finished stage) and refuses a folder
+    that holds another run. A stage whose origin (the --init weights' step and hash, as train records it) is not
+    `origin`, the weights its --init holds now, is stale (a stage 1 continued in place makes every stage 2 on it
+    so): its folder is moved aside, never overwritten, the log says where, and the stage is trained anew.
+    origin: that of the --init weights (origin_of), from the stage-1 model the caller holds."""
     cfg = {**TRAIN_DEFAULTS, **cfg}
     path = os.path.join(cfg["out"], "ckpt.pt")
     if os.path.isfile(path):
-        ckpt = load_checkpoint(path)
-        saved = {**TRAIN_DEFAULTS, **ckpt["config"]}                   # older runs lack newer keys
-        cfg["precision"] = resolve_precision(cfg["device"], cfg["precision"])  # train stores what "auto" ran as
-        # (the --init path is not compared: the origin below, the weights' step and hash, is what identifies it)
-        other = sorted(k for k, v in cfg.items() if k not in BOOKKEEPING_KEYS | {"steps", "init"} and saved.get(k) != v)
-        if other or ckpt["step"] > cfg["steps"]:
-            raise UsageError(f"{cfg['out']} holds a run of another configuration ({', '.join(other) or 'more steps'}"
-                             f" differ): use another --out, or remove that folder")
-        if origin != ckpt.get("origin"):
-            was = ckpt.get("origin") or {"init_steps": "?", "init_hash": "not recorded"}
-            log(f"training {cfg['out']} anew: it started from stage-1 weights at step {was['init_steps']} (hash "
-                f"{was['init_hash']}), but {cfg['init']} is now at step {origin['init_steps']} (hash {origin['init_hash']})")
-        elif ckpt["step"] == cfg["steps"]:
-            log(f"reusing the finished run in {cfg['out']} ({ckpt['step']} steps)")
-            model = model_from_checkpoint(ckpt).to(cfg["device"])
-            return model, {"steps": ckpt["step"], "total_steps": ckpt.get("total_steps", ckpt["step"]),
-                           "train_seconds": ckpt.get("train_seconds", 0.0), "config": ckpt["config"], "reused": True}
-        else:
-            cfg["resume"] = cfg["out"]
+        was = load_checkpoint(path).get("origin")
+        if was != origin:
+            aside = next(f"{cfg['out']}.stale{i}" for i in range(1, 10 ** 6) if not os.path.exists(f"{cfg['out']}.stale{i}"))
+            os.replace(cfg["out"], aside)
+            was = was or {"init_steps": "?", "init_hash": "not recorded"}
+            log(f"moved {cfg['out']} aside to {aside}: it started from stage-1 weights at step {was['init_steps']} "
+                f"(hash {was['init_hash']}), but {cfg['init']} is now at step {origin['init_steps']} (hash "
+                f"{origin['init_hash']}); training it anew")
     model, stats = train(cfg, log=log)
     if stats["stopped"]:                                           # a stopped stage is not a finished one: go no further
         raise KeyboardInterrupt
@@ -783,7 +784,8 @@ def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, re
     from PIL import Image, ImageDraw
     T, first = schedule.T, ruler.real_n if len(ruler.heldout) >= ruler.real_n + n else 0
     source = ("held-out images that the ruler's reference statistics do not contain" if first else
-              "the ruler's own reference images (the held-out set is too small for both)")
+              "the ruler's own reference images (the held-out set is too small for both)") + (
+              "; each x0_hat clamped to [-1, 1] and rounded to uint8, as a saved image")
     x0_u8, y = ruler.heldout[first:first + n], ruler.heldout_y[first:first + n]
     x0 = to_model_range(x0_u8)
     eps = torch.randn(x0.shape, generator=torch.Generator().manual_seed(seed))
@@ -1490,11 +1492,14 @@ def _flops(arch):
     model = UNet(**model_kwargs(cfg))
     f_star, schedule, B, S = frozen_copy(model), schedule_from(cfg), 2, cfg["image_size"]
     x0, y, out = torch.randn(B, 3, S, S), torch.randint(0, 10, (B,)), {}
+    # PITFALL: the counter has no formula for the CPU's fused attention kernel (it would count attention as 0
+    # FLOPs); the math kernel computes the same product with matmuls it counts.
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     for loss in ("mse", "self-perceptual"):
-        with FlopCounterMode(display=False) as fc:
+        with FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
             objective(loss, model, f_star, schedule)(x0, y).backward()
         out[loss] = fc.get_total_flops() / B
-    with torch.no_grad(), FlopCounterMode(display=False) as fc:
+    with torch.no_grad(), FlopCounterMode(display=False) as fc, sdpa_kernel(SDPBackend.MATH):
         model(x0, torch.zeros(B, dtype=torch.long), y)
     return {**out, "forward": fc.get_total_flops() / B, "params": sum(p.numel() for p in model.parameters())}
 

@@ -366,7 +366,11 @@ def test_reproduce_retrains_stage_2_when_stage_1_was_continued_in_place(smoke_ru
     logs = []
     res = rp.reproduce("smoke", str(tmp_path / "c"), device="cpu", log=logs.append)
     assert sum("reusing the finished run" in line for line in logs) == 1              # stage 1 alone
-    assert sum("training" in line and "anew" in line for line in logs) == 2           # the stage 2 and the control
+    moved = [line for line in logs if "aside" in line and "training it anew" in line]
+    assert len(moved) == 2                                                           # the stage 2 and the control
+    for key in ("self-perceptual", "mse-continued"):                                 # moved, not overwritten
+        old = pd.load_checkpoint(str(tmp_path / "c" / f"{key}.stale1" / "ckpt.pt"))
+        assert old["origin"] != pd.load_checkpoint(str(tmp_path / "c" / key / "ckpt.pt"))["origin"]
     assert res["stage_hashes"]["mse"] == rp.weights_hash(ckpt["ema"])
 
 
@@ -929,3 +933,58 @@ def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_
 def test_flags_alone_run_the_default_command_reproduce(tmp_path, capsys):
     assert rp.main(["--preset", "smoke", "--estimate"]) == 0 and "estimate for --preset smoke" in capsys.readouterr().out
     assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,gpucheck}" in capsys.readouterr().out
+
+
+# ----------------------------- devices and the protocol: right by construction -----------------------------
+
+from test_perceptual_diffusion import fake_gpu
+
+
+def ruler_inputs(n=60, d=8):
+    g = torch.Generator().manual_seed(0)
+    real, fake = torch.randn(n, d, generator=g, dtype=torch.float64), torch.randn(n, d, generator=g, dtype=torch.float64)
+    return real, fake, rp.bootstrap_weights(n, 6, 0)
+
+
+def test_the_rulers_make_every_tensor_on_their_inputs_device():
+    """With the default device set to meta, a tensor made without naming its inputs' device would be a meta tensor
+    mixed with these CPU ones, which raises as a CPU tensor mixed with CUDA ones does (resampled_prdc did)."""
+    real, fake, w = ruler_inputs()
+    images = torch.rand(5, 3, 16, 16) * 2 - 1
+    ref = (*rp.feature_stats(real), rp.sqrtm_psd(rp.feature_stats(real)[1]))
+    calls = {"prdc": lambda: rp.resampled_prdc(real, fake, w), "indicators": lambda: rp.prdc_indicators(real, fake),
+             "fd": lambda: rp.resampled_fd(fake, w, ref), "kid": lambda: rp.resampled_kid(fake, w, real, 0.5),
+             "stats": lambda: rp.feature_stats(fake, w), "pixels": lambda: rp.pixel_summary(images)}
+    for name, call in calls.items():
+        expected = call()
+        with torch.device("meta"):
+            got = call()
+        flat = lambda r: list(r.values()) if isinstance(r, dict) else list(r) if isinstance(r, tuple) else [r]
+        assert all(a.device.type == "cpu" and torch.allclose(a, b, equal_nan=True)
+                   for a, b in zip(flat(got), flat(expected))), name
+
+
+def test_the_rulers_value_free_parts_run_on_a_fake_gpu():
+    real, fake, w = ruler_inputs()
+    mode, cuda = fake_gpu()
+    with mode, cuda:
+        real, fake, w = real.to("cuda"), fake.to("cuda"), w.to("cuda")
+        mu, cov = rp.feature_stats(real, w[:1])                          # (torch.cov reads a value: not in the mode)
+        assert rp.resampled_fd(fake, w, (mu[0], cov[0], cov[0])).device.type == "cuda"
+        assert rp.resampled_kid(fake, w, real, 0.5).device.type == "cuda"
+        assert all(v.device.type == "cuda" for v in rp.prdc_indicators(real, fake).values())
+        assert all(v.device.type == "cuda" for v in rp.feature_stats(fake, w))
+
+
+def test_a_sample_outside_the_range_is_measured_exactly_as_its_saved_image(shapes_ruler, tmp_path):
+    real, y, _, _ = pd.load_dataset("shapes", image_size=16, train=False)
+    x = pd.to_model_range(real[:80]) * 1.3 + 0.004                     # 30% of values outside [-1, 1], off the grid
+    assert (x.abs() > 1).float().mean() > 0.05
+    pd.save_samples(x, y[:80], "", str(tmp_path / "s.npz"), nrow=8)   # what `sample --npz` saves
+    saved = torch.from_numpy(np.load(tmp_path / "s.npz")["arr_0"]).permute(0, 3, 1, 2)
+    a, _ = shapes_ruler.measure(x, y[:80], resamples=20)
+    b, _ = shapes_ruler.measure(saved, y[:80], resamples=20)
+    assert a == b
+    assert "saved uint8" in shapes_ruler.protocol["samples_measured_as"]
+    unquantised = shapes_ruler.nets["classifier"](x)[0].double()             # what the old protocol measured
+    assert not torch.allclose(unquantised, rp.extract(shapes_ruler.nets["classifier"], x, "cpu")[0])
