@@ -322,7 +322,8 @@ def mse_loss(model, schedule, x0, y, t=None, eps=None):
 
 
 def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime=None, eps=None,
-                         features="mid", t_prime_mode="independent", distance="mse"):
+                         features="mid", t_prime_mode="independent", distance="mse", t_max=None, t_prime_max=None,
+                         mse_lambda=None):
     """L_sp, Algorithm 1 of the paper:
       x_t = alpha_t x0 + sigma_t eps;  v_hat = f_theta(x_t, t, y);  x0_hat, eps_hat from v_hat
       t' ~ U{0..T-1}, independent of t
@@ -334,32 +335,53 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
     under no_grad. (Wrapping both branches in no_grad trains nothing.)
     Ablations (defaults = the paper's): features="all" averages every block's term, each divided by the real
     features' own size; t_prime_mode="same" (t' = t) is degenerate: x0_hat, eps_hat decompose x_t exactly, so
-    x_hat_t = x_t for ANY prediction and the loss is 0; distance="mae". (An EMA f* is train()'s choice.)"""
+    x_hat_t = x_t for ANY prediction and the loss is 0; distance="mae". (An EMA f* is train()'s choice.)
+    Variants beyond the paper, as others use perceptual losses (None = the paper's): t_max, the term only for the
+    samples whose t < t_max (the latent perceptual loss gates it to low noise), the batch mean taken over every
+    sample; t_prime_max, t' ~ U{0..t_prime_max-1} (f* sees nearly clean images); mse_lambda, the v-MSE term kept:
+    L = L_mse + lambda L_sp, both from the same v_hat."""
     t, eps = draw_t_eps(schedule, x0, t, eps)
     x_t = schedule.q_sample(x0, t, eps)
-    x0_hat, eps_hat = schedule.pred_to_x0_eps(x_t, model(x_t, t, y).float(), t)
+    v_hat = model(x_t, t, y).float()
+    x0_hat, eps_hat = schedule.pred_to_x0_eps(x_t, v_hat, t)
     if t_prime is None:
-        t_prime = t if t_prime_mode == "same" else torch.randint(0, schedule.T, t.shape, device=x0.device)
+        t_prime = t if t_prime_mode == "same" else torch.randint(0, t_prime_max or schedule.T, t.shape, device=x0.device)
     with torch.no_grad():
         real = perceptual_net.features(schedule.q_sample(x0, t_prime, eps), t_prime, y, features)
     pred = perceptual_net.features(schedule.q_sample(x0_hat, t_prime, eps_hat), t_prime, y, features)
     dist = {"mse": F.mse_loss, "mae": F.l1_loss}[distance]
-    terms = [dist(p.float(), r.float()) for p, r in zip(pred, real)]
+    # Each term the mean over the batch of per-sample means (the same number as dist's own mean); gated, the samples
+    # with t >= t_max count as 0.
+    mean = (lambda e: e.mean()) if t_max is None else (lambda e: (e.flatten(1).mean(1) * (t < t_max)).mean())
+    terms = [mean(dist(p.float(), r.float(), reduction="none")) for p, r in zip(pred, real)]
     if features == "all":
         terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12) for d, r in zip(terms, real)]
-    return sum(terms) / len(terms)
+    loss = sum(terms) / len(terms)
+    return loss if mse_lambda is None else F.mse_loss(v_hat, schedule.v_target(x0, eps, t)) + mse_lambda * loss
 
 
 LOSSES = {"mse": mse_loss, "self-perceptual": self_perceptual_loss}
 
 
-def objective(loss, model, perceptual_net, schedule, **ablation):
+def objective(loss, model, perceptual_net, schedule, **options):
     """(x0, y) -> the named objective's loss; only self-perceptual takes the perceptual network (and the
-    keyword arguments of its ablations)."""
+    keyword arguments of its ablations and variants)."""
     loss_fn = LOSSES[loss]
     if loss == "self-perceptual":
-        return lambda x0, y: loss_fn(model, perceptual_net, schedule, x0, y, **ablation)
+        return lambda x0, y: loss_fn(model, perceptual_net, schedule, x0, y, **options)
     return lambda x0, y: loss_fn(model, schedule, x0, y)
+
+
+def balanced_lambda(model, perceptual_net, schedule, x0, y, **options):
+    """The stated rule of --sp-with-mse auto: lambda = |grad L_mse| / |grad L_sp| over the weights, on one batch
+    and the same (t, eps): the two terms start with gradients of equal norm. Returns the two norms (to be summed
+    over DDP ranks before their ratio is taken)."""
+    t, eps = draw_t_eps(schedule, x0)
+    params = [p for p in model.parameters() if p.requires_grad]
+    norm = lambda l: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
+                                zip(torch.autograd.grad(l, params, allow_unused=True), params)]).norm()
+    sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
+    return torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)])
 
 
 # =================================================================================================
@@ -708,6 +730,17 @@ POS_FLOAT = ranged(float, lambda v: v > 0, "a positive number")
 NONNEG_FLOAT = ranged(float, lambda v: v >= 0, "a non-negative number")
 PROB = ranged(float, lambda v: 0 <= v < 1, "a number in [0, 1)")
 UNIT = ranged(float, lambda v: 0 <= v <= 1, "a number in [0, 1]")
+FRACTION = ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
+def SP_LAMBDA(text):
+    """'' (no MSE term), 'auto', or a positive number; returned as the text."""
+    try:
+        if text not in ("", "auto"):
+            POS_FLOAT(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(f"must be '', auto or a positive number, got {text!r}")
+    return text
 
 
 def best_device():
@@ -769,6 +802,11 @@ TRAIN_ARGS = [
     ("sp_t_prime", "independent", ("independent", "same"), "t' drawn independently of t, or t' = t (degenerate)"),
     ("sp_distance", "mse", ("mse", "mae"), "distance between the feature maps"),
     ("perceptual_net", "frozen", ("frozen", "ema"), "f*: a frozen copy of stage 1, or the online model's EMA"),
+    # variants beyond the paper, as others use perceptual losses; each default is the paper's choice
+    ("sp_t_max", 1.0, FRACTION, "the self-perceptual term only at training steps t < FRAC T (1: every t)"),
+    ("sp_t_prime_max", 1.0, FRACTION, "t' drawn from 0..FRAC T - 1 (1: uniform over every t)"),
+    ("sp_with_mse", "", SP_LAMBDA, "keep the v-MSE term: L = L_mse + LAMBDA L_sp, LAMBDA a number or auto (equal "
+     "gradient norms of the two terms on the first batch, computed once; stored as sp_lambda_value); '': no MSE term"),
     ("steps", 1000, POS_INT, "total training steps"),
     ("batch_size", 64, POS_INT, "global batch size (split over DDP ranks)"),
     ("lr", 1e-3, POS_FLOAT, "AdamW learning rate after warm-up"),
@@ -796,7 +834,14 @@ TRAIN_DEFAULTS = {name: default for name, default, _, _ in TRAIN_ARGS}
 ARCH_KEYS = ["image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "num_classes"]
 RESUMABLE_KEYS = {"steps", "log_every", "sample_every", "ckpt_every", "device", "precision", "compile", "resume"}  # a
 # longer --steps moves a cool-down's start: resume a cooled-down run only to the steps it was configured with
-SP_ABLATION_KEYS = {"sp_features": "features", "sp_t_prime": "t_prime_mode", "sp_distance": "distance"}
+
+
+def sp_options(cfg):
+    """The keyword arguments of self_perceptual_loss that a config's ablation and variant flags give."""
+    bound = lambda frac: max(1, round(frac * cfg["T"])) if frac < 1 else None
+    return dict(features=cfg["sp_features"], t_prime_mode=cfg["sp_t_prime"], distance=cfg["sp_distance"],
+                t_max=bound(cfg["sp_t_max"]), t_prime_max=bound(cfg["sp_t_prime_max"]),
+                mse_lambda=cfg.get("sp_lambda_value"))
 
 
 def int_list(s):
@@ -1094,8 +1139,21 @@ def train(cfg, log=print):
     net = torch.compile(model) if cfg["compile"] else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
-    loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **{v: cfg[k] for k, v in SP_ABLATION_KEYS.items()})
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"], images.device)
+    if cfg["loss"] == "self-perceptual" and cfg["sp_with_mse"] and "sp_lambda_value" not in cfg:
+        lam = cfg["sp_with_mse"]                                   # a number, or computed once here and stored
+        if lam == "auto":                                          # the first batch, without flips or label dropout
+            idx = batches.indices(0)
+            norms = balanced_lambda(model, perceptual_net, schedule, to_model_range(images[idx]).to(device),
+                                    labels[idx].to(device), **sp_options(cfg))
+            if world > 1:
+                dist.all_reduce(norms)
+            lam = (norms[0] / norms[1]).item()
+            if not 0 < lam < math.inf:
+                raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batch "
+                                 f"(lambda {lam}): give LAMBDA as a number")
+        cfg["sp_lambda_value"] = float(lam)
+    loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **sp_options(cfg))
     cfg["precision"] = resolve_precision(device, cfg["precision"])   # stored as run: "auto" means another thing elsewhere
     amp = autocast(device, cfg["precision"])
     metrics = None

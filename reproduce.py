@@ -21,6 +21,7 @@ Run (the built-in `shapes` data needs no network):
 import argparse
 import functools
 import hashlib
+import importlib.util
 import json
 import math
 import os
@@ -39,7 +40,7 @@ from perceptual_diffusion import (
     add_sampling_args, add_train_args, autocast, bench, check_config, distributed, generate, load_checkpoint,
     frozen_copy, load_dataset, load_for_sampling, max_forward_batch, model_from_checkpoint, model_kwargs, norm,
     objective, origin_of, ranged,
-    resolve_precision, schedule_from, step_times, to_model_range, to_uint8, run_command, save_checkpoint, train,
+    native_bf16, resolve_precision, schedule_from, step_times, to_model_range, to_uint8, run_command, save_checkpoint, train,
     weights_hash, writable_dir, writable_file)
 
 # =================================================================================================
@@ -530,17 +531,18 @@ STANDARD_FID = ("pytorch-fid Inception pool3, {n:,} samples against the whole tr
 
 
 def standard_fid(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=0.0, seed=0, precision="auto",
-                 label=None, chunk=1000):
+                 label=None, chunk=1000, log=lambda s: None):
     """FID by the protocol of published CIFAR-10 numbers: n samples (50,000) in the Inception features of
     pytorch-fid against the statistics of the whole training split (ruler.real_stats["fid"]); the samples are
     drawn and measured a chunk at a time, their mean and covariance accumulated in float64. No interval: the
-    literature's protocol has none, and the paired verdicts use the held-out comparison."""
-    total, outer, count = 0, 0, 0
+    literature's protocol has none, and the paired verdicts use the held-out comparison. Logs its progress."""
+    total, outer, count, t0 = 0, 0, 0, time.time()
     for i in range(0, n, chunk):
         x, _ = generate(model, schedule, min(chunk, n - i), steps, cfg_scale, cfg_rescale, seed=seed + i,
                         precision=precision, label=label)
         f, _ = extract(ruler.nets["fid"], x, ruler.device)
         total, outer, count = total + f.sum(0), outer + f.T @ f, count + len(f)
+        log(f"standard FID: {count:,} of {n:,} samples, {(time.time() - t0) / count * (n - count) / 60:.1f} min left")
     mu = total / count
     cov = (outer - count * torch.outer(mu, mu)) / (count - 1)
     mu_r, cov_r, cov_r_half = ruler.real_stats["fid"]
@@ -651,10 +653,25 @@ REPRODUCE_TRAIN_ARGS = {"data", "data_dir", "data_seed", "image_size", "no_flip"
                         "num_res_blocks", "attn_res", "dropout", "T", "betas", "batch_size", "lr", "warmup",
                         "weight_decay", "grad_clip", "ema_decay", "label_dropout", "precision", "compile"}
 # The paper's ablations of the self-perceptual objective: one stage-2 run each, evaluated exactly like row 4.
+# Then the variants beyond the paper, as others use perceptual losses (shared EVAL_NOTES): the latent perceptual
+# loss's combination (MSE at every step, the perceptual term only at low noise, t < T/5), the term added to MSE at
+# every t, and t' from low noise only. Each takes row 20 + its place here; with --ablations NAMES only those run.
 ABLATIONS = [("all-layers", "all layers (down + mid), each normalised", dict(sp_features="all")),
              ("t-prime-same", "t' = t", dict(sp_t_prime="same")),
              ("mae", "MAE distance", dict(sp_distance="mae")),
-             ("ema-perceptual", "EMA of the online model as f*", dict(perceptual_net="ema"))]
+             ("ema-perceptual", "EMA of the online model as f*", dict(perceptual_net="ema")),
+             ("lpl-gated", "MSE + lambda L_sp at t < T/5 only (LPL-style), lambda auto",
+              dict(sp_with_mse="auto", sp_t_max=0.2)),
+             ("plus-mse", "MSE + lambda L_sp at every t, lambda auto", dict(sp_with_mse="auto")),
+             ("t-prime-low", "t' < T/5 only", dict(sp_t_prime_max=0.2))]
+VARIANTS = ["lpl-gated", "plus-mse", "t-prime-low", "all-layers"]   # judged against the fair control by HELPS_RULE
+
+
+def selected_ablations(ablations):
+    """[(row, key, label, flags)] of the asked ablations: True (all), a list of keys, or False/None (none)."""
+    if not ablations:
+        return []
+    return [(20 + i, k, label, v) for i, (k, label, v) in enumerate(ABLATIONS) if ablations is True or k in ablations]
 PRDC = ["precision", "recall", "density", "coverage"]
 SWEEP_KEYS = ["fd", "fd_random"] + PRDC + [k + "_random" for k in PRDC]
 METRIC_KEYS = ["fd", "fd_random", "kid", "kid_random", "cond_acc", "saturation"] + SWEEP_KEYS[2:]  # pooled over seeds
@@ -773,6 +790,41 @@ def tradeoff_picture(res, path):
     canvas.save(path)
 
 
+def loss_curves_picture(folders, path):
+    """The training curves of a run's stages (loss_curves.png), read from each stage folder's metrics log: loss and
+    gradient norm against the stage's own steps, MSE objectives and self-perceptual ones in panels of their own
+    (their losses differ by orders of magnitude). folders: {stage name: its folder}; a stage without a log (the
+    shipped stage 1) is left out."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    logs = {}
+    for name, folder in folders.items():
+        try:
+            with open(os.path.join(folder, perceptual_diffusion.METRICS)) as f:
+                logs[name] = [json.loads(line) for line in f]
+        except (OSError, ValueError):
+            continue
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), squeeze=False)
+    for col, kind in enumerate(("mse", "self-perceptual")):
+        for name, recs in logs.items():
+            if recs and (name.startswith("sp") or name == "self-perceptual") == (kind == "self-perceptual"):
+                steps = [r["step"] for r in recs]
+                axes[0, col].plot(steps, [r["loss"] for r in recs], label=name)
+                axes[1, col].plot(steps, [r["grad_norm"] for r in recs], label=name)
+        axes[0, col].set_title(f"{kind} objectives: loss (mean since the last log line)")
+        axes[1, col].set_title("gradient norm before clipping")
+        for ax in axes[:, col]:
+            ax.set_xlabel("step of the stage")
+            ax.set_yscale("log")
+            if ax.lines:
+                ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+    return sorted(logs)
+
+
 @torch.no_grad()
 def x0_hat_study(models, schedule, ruler, n, n_show, path, precision, seed=0, resamples=1000):
     """The paper's argument made visible: from the same x_t = alpha_t x0 + sigma_t eps of held-out images, each
@@ -877,12 +929,14 @@ def plan(p, out, stage1_dir, stage1_seed=None, ablations=False):
                                            **({} if stage1_seed is None else {"seed": stage1_seed})})])
     stages += [(key, {"loss": loss, **s2, **variant, "out": os.path.join(out, key)}) for key, loss, variant in
                [("self-perceptual", "self-perceptual", {}), ("mse-continued", "mse", {})] +
-               [(f"sp-{k}", "self-perceptual", v) for k, _, v in (ABLATIONS if ablations else [])]]
+               [(f"sp-{k}", "self-perceptual", v) for _, k, _, v in selected_ablations(ablations)]]
     return stage1, guide, stages
 
 
 def flag_text(k, v):
-    """One command-line flag for key k set to v: a switch alone when v is True, the value shell-quoted."""
+    """One command-line flag for key k set to v: a switch alone when v is True, a list comma-separated, the value
+    shell-quoted."""
+    v = ",".join(map(str, v)) if isinstance(v, (list, tuple)) else v
     return f"--{k.replace('_', '-')}" + ("" if v is True else f" {shlex.quote(str(v))}")
 
 
@@ -892,16 +946,26 @@ def train_flags(cfg, skip=()):
                     if k in TRAIN_DEFAULTS and k not in skip and v != TRAIN_DEFAULTS[k] and v is not False)
 
 
-def print_commands(preset, nproc, out, seed=0, device=None, ablations=False, log=print, **overrides):
+def print_commands(preset, nproc, out, seed=0, device=None, ablations=False, log=print, nnodes=1, rdzv_endpoint="",
+                   **overrides):
     """The multi-GPU route, from the preset itself: the exact torchrun command of each training stage (data
-    parallel on nproc ranks; rank 0 prepares the data and writes the checkpoints), then the reproduce command
-    that finds them finished, reuses them and evaluates every row in one process."""
+    parallel on nproc ranks per node, on nnodes nodes that meet at rdzv_endpoint; rank 0 prepares the data and
+    writes the checkpoints), then the reproduce command that finds them finished, reuses them and evaluates every
+    row in one process. Each stage command is safe to run again: it continues its run, or leaves it finished.
+    Several nodes need --out (and the data folder) on a filesystem they share: every rank reads the checkpoint."""
+    if nnodes > 1 and not rdzv_endpoint:
+        raise UsageError(f"--nnodes {nnodes} needs --rdzv-endpoint HOST:PORT, the address where the nodes meet")
     p = preset_settings(preset, overrides, seed=seed, device=device or TRAIN_DEFAULTS["device"])
     if p["stage1"] == "shipped":
         shipped_stage1(p["train"])
+    if p["features"] == "fid" and not importlib.util.find_spec("pytorch_fid"):
+        log("# note: the evaluation (the last command) needs pytorch-fid and its weights: pip install pytorch-fid")
     _, _, stages = plan(p, out, os.path.join(out, "mse"), ablations=ablations)
-    lines = [f"torchrun --standalone --nproc_per_node={nproc} perceptual_diffusion.py train "
-             + train_flags({**TRAIN_DEFAULTS, **p["train"], **stage}) for _, stage in stages]
+    launch = (f"torchrun --standalone --nproc_per_node={nproc}" if nnodes == 1 else
+              f"torchrun --nnodes={nnodes} --nproc_per_node={nproc} --rdzv_backend=c10d "
+              f"--rdzv_endpoint={rdzv_endpoint} --rdzv_id=perceptual-diffusion")
+    lines = [f"{launch} perceptual_diffusion.py train " + train_flags({**TRAIN_DEFAULTS, **p["train"], **stage})
+             for _, stage in stages]
     again = {"preset": preset, "out": out, "seed": seed, **{k: v for k, v in overrides.items() if k != "train"},
              **(overrides.get("train") or {}), "device": device, "ablations": ablations}
     lines.append("python reproduce.py reproduce " + " ".join(flag_text(k, v) for k, v in again.items()
@@ -932,6 +996,12 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     t_start = time.time()
     stage1_dir = os.path.join(stage1_out or out, "mse")
     stage1, guide_path, stages = plan(p, out, stage1_dir, stage1_seed, ablations)
+    # Everything the evaluation needs (the classifier ruler, or pytorch-fid, its weights and the reference statistics)
+    # is built before any training: a missing package or an offline GPU node is one line now, not after hours.
+    d, dev = shipped["config"] if shipped else {**TRAIN_DEFAULTS, **base}, torch.device(base["device"])
+    log("== the rulers, before any training ==")
+    ruler = Ruler(p["features"], d["data"], d["data_dir"], d["image_size"], d["data_seed"], p["real_n"], dev,
+                  classifier_steps=p["classifier_steps"], log=log)
     models, stats, origin = {}, {}, None
     if shipped:
         log(f"== stage 1: the shipped model {stage1} ({shipped['total_steps']} steps; no training) ==")
@@ -951,10 +1021,6 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
                          "folder or use another --out")
     guide = model_from_checkpoint(load_checkpoint(guide_path)).to(base["device"]).eval()
     schedule = schedule_from(cfg)
-    dev = torch.device(base["device"])
-    log("== evaluation: building the rulers ==")
-    ruler = Ruler(p["features"], cfg["data"], cfg["data_dir"], cfg["image_size"], cfg["data_seed"], p["real_n"], dev,
-                  classifier_steps=p["classifier_steps"], log=log)
     ev = dict(steps=p["eval_steps"], precision=cfg["precision"], resamples=p["resamples"])
     notes = []
     if ruler.real_n < p["eval_n"]:
@@ -987,16 +1053,21 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
     guided = {row: guidance["cfg-sp" if (key, mode) == ("self-perceptual", "cfg") else mode.split("-")[0]]
               for row, _, key, mode in ROWS if mode.startswith(("cfg", "auto"))}
 
+    todo, t_rows = len(ROWS) + len(selected_ablations(ablations)), time.time()
+
     def evaluate_row(row, name, key, mode):
-        """One row: the model sampled as `mode` from the table's seed, with its provenance."""
+        """One row: the model sampled as `mode` from the table's seed, with its provenance; logs the progress."""
         w, phi = guided[row] if row in guided else (1.0, 0.0)
         label = models[key].num_classes if mode.endswith("null") else None
         r, boot = evaluate_model(models[key], schedule, ruler, p["eval_n"], cfg_scale=w, cfg_rescale=phi, seed=seed,
                                  label=label, guide=guide if mode.startswith("auto") else None, **ev)
         r.update(row=row, name=name, model=key, mode=mode, loss=stats[key]["config"]["loss"],
                  train_steps=stats[key]["total_steps"], train_seconds=round(stats[key]["train_seconds"], 1))
+        done = len(rows) + 1
         log(f"row {row} {name}: Frechet distance {r['fd']:.3f} {fmt_ci(r['fd_ci'])} ({r['fd_protocol']}), random "
-            f"features {r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])}")
+            f"features {r['fd_random']:.3f} {fmt_ci(r['fd_random_ci'])} | {done} of {todo} rows, "
+            f"{done * p['eval_n']:,} of {todo * p['eval_n']:,} samples, "
+            f"{(time.time() - t_rows) / done * (todo - done) / 60:.1f} min left")
         return r, boot
 
     rows, boots = {}, {}
@@ -1008,7 +1079,7 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
         for row, name, key, mode in ROWS[:4]:
             w, phi = guided.get(row, (1.0, 0.0))
             fid[row] = standard_fid(models[key], schedule, ruler, p["fid_n"], p["eval_steps"], w, phi, seed + 2,
-                                    cfg["precision"])
+                                    cfg["precision"], log=lambda s, r=row: log(f"row {r} {s}"))
             log(f"row {row} {name}: FID {fid[row]:.2f} ({STANDARD_FID.format(n=p['fid_n'])})")
     comparison_picture(models, schedule, [r for r in ROWS if r[3] in ("cond", "cfg")], guided,
                        os.path.join(out, "comparison.png"), p["picture_per_class"], p["eval_steps"], cfg["precision"],
@@ -1030,20 +1101,24 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
               "device": str(dev), "torch_threads": torch.get_num_threads()}
     if ablations:
         abl = []
-        for i, (key, label, variant) in enumerate(ABLATIONS):
-            r, boots[20 + i] = evaluate_row(20 + i, label, f"sp-{key}", "cond")
-            r["variant"], rows[20 + i] = variant, r
-            abl.append({"ablation": r, "verdicts": [verdict(20 + i, b, what, rows, boots) for b, what in
-                                                    ((4, "against the paper's choice (row 4)"),
-                                                     (2, "against MSE trained as long (row 2)"))]})
+        for row, key, label, variant in selected_ablations(ablations):
+            r, boots[row] = evaluate_row(row, label, f"sp-{key}", "cond")
+            r["variant"], rows[row] = variant, r
+            r["sp_lambda_value"] = stats[f"sp-{key}"]["config"].get("sp_lambda_value")
+            abl.append({"key": key, "ablation": r, "verdicts": [verdict(row, b, what, rows, boots) for b, what in
+                                                                ((4, "against the paper's choice (row 4)"),
+                                                                 (2, "against MSE trained as long (row 2)"))]})
         result["ablations"] = abl
     tradeoff_picture(result, os.path.join(out, "guidance_tradeoff.png"))
+    result["loss_curves"] = loss_curves_picture({key: stage["out"] for key, stage in stages},
+                                                os.path.join(out, "loss_curves.png"))
     result["wall_seconds"] = round(time.time() - t_start, 1)
     write_outputs(out, {"results.json": json.dumps(result, indent=1), "results.md": results_markdown(result)}, log)
     if ablations:
         write_outputs(out, {"ablations.json": json.dumps(result["ablations"], indent=1),
                             "ablations.md": ablations_markdown(result)}, log)
-    log(f"wrote {out}/results.md, results.json, comparison.png, x0_hat.png, guidance_tradeoff.png in {result['wall_seconds'] / 60:.1f} min")
+    log(f"wrote {out}/results.md, results.json, comparison.png, x0_hat.png, guidance_tradeoff.png, loss_curves.png "
+        f"in {result['wall_seconds'] / 60:.1f} min")
     return result
 
 
@@ -1137,10 +1212,105 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
     rows = pooled_rows(full)
     pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds, "stage1_source": full[0]["stage1_source"],
               "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
-              "sources": variance_sources(rows, pooled_rows(shared)) if stage2_seeds else None}
+              "sources": variance_sources(rows, pooled_rows(shared)) if stage2_seeds else None,
+              "stage2_steps": full[0]["settings"]["stage2_steps"]}
+    pooled["variant_judgements"] = variant_judgements(pooled["verdicts"])
     write_outputs(out, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
     log(f"wrote {out}/pooled.md and pooled.json ({len(seeds)} full-pipeline seeds)")
     return pooled
+
+
+def reproduce_lengths(preset, out, lengths, seeds, device=None, log=print, ablations=False, **overrides):
+    """The stage-2 length sweep: reproduce_seeds once per stage-2 length (the self-perceptual stage and its control
+    alike), each in out/stepsL; then lengths.md, lengths.json and stage2_length.png (length_summary)."""
+    writable_dir(out, "--out")
+    per = {}
+    for steps in lengths:
+        log(f"=== stage-2 length {steps} ({lengths.index(steps) + 1} of {len(lengths)}) ===")
+        per[steps] = reproduce_seeds(preset, os.path.join(out, f"steps{steps}"), seeds, 0, device,
+                                     lambda s, L=steps: log(f"[steps{L}] {s}"), ablations,
+                                     **{**overrides, "stage2_steps": steps})
+    summary = length_summary(per)
+    length_picture(summary, os.path.join(out, "stage2_length.png"))
+    write_outputs(out, {"lengths.json": json.dumps(summary, indent=1), "lengths.md": lengths_markdown(summary)}, log)
+    log(f"wrote {out}/lengths.md, lengths.json and stage2_length.png ({len(lengths)} lengths, {len(seeds)} seeds each)")
+    return summary
+
+
+LENGTH_METRICS = ["fd", "precision", "recall", "coverage"]
+
+
+def length_summary(per):
+    """{stage-2 steps: pooled} -> per length, the pooled verdicts 4 - 2 and 4 - 1 and rows 2 and 4 (mean and interval
+    over seeds) on LENGTH_METRICS; and per primary measure whether the 4 - 2 curve has settled: at the two longest
+    lengths each mean difference lies inside the other length's interval (with one length, or an interval missing:
+    not known)."""
+    lengths = sorted(per)
+    out = {"lengths": lengths, "seeds": {L: per[L]["seeds"] for L in lengths}, "per_length": {}, "settled": {}}
+    for L in lengths:
+        v = {(x["a"], x["b"]): x for x in per[L]["verdicts"]}
+        rows = {r["row"]: r for r in per[L]["rows"]}
+        out["per_length"][L] = {
+            "verdicts": {f"{a}-{b}": {m: {k: v[a, b][m][k] for k in ("diff", "ci", "verdict", "held", "seeds")}
+                                      for m in LENGTH_METRICS if m in v[a, b]} for a, b in ((4, 2), (4, 1))},
+            "rows": {r: {m: {k: rows[r][m][k] for k in ("mean", "ci")} for m in LENGTH_METRICS} for r in (2, 4)}}
+    for m in PRIMARY:
+        if len(lengths) < 2:
+            out["settled"][m] = None
+            continue
+        a, b = (out["per_length"][L]["verdicts"]["4-2"][m] for L in lengths[-2:])
+        inside = lambda x, e: e["ci"] is not None and e["ci"][0] <= x["diff"] <= e["ci"][1]
+        out["settled"][m] = None if a["ci"] is None or b["ci"] is None else inside(a, b) and inside(b, a)
+    return out
+
+
+def lengths_markdown(summary):
+    """The length sweep as tables: the pooled 4 - 2 and 4 - 1 verdicts per length, rows 2 and 4, and the settling."""
+    names = {k: n for k, n, _ in VERDICT_METRICS}
+    lines = ["Self-perceptual fine-tuning (row 4) against the fair control (row 2: MSE for as many steps) and against "
+             "the model both start from (row 1), per stage-2 length; mean over seeds of the paired differences, 95% t "
+             "interval over seeds, 'held': seeds whose own verdict named the same row.", "",
+             "| stage-2 steps | seeds | a - b | metric | mean difference | 95% interval | verdict | held |",
+             "|---|---|---|---|---|---|---|---|"]
+    for L in summary["lengths"]:
+        for pair, vs in summary["per_length"][L]["verdicts"].items():
+            for m, e in vs.items():
+                lines.append(f"| {L} | {len(summary['seeds'][L])} | {pair.replace('-', ' - ')} | {names[m]} | "
+                             f"{e['diff']:+.4f} | {fmt_ci(e['ci']) if e['ci'] else '-'} | {e['verdict']} | "
+                             f"{e['held']} of {e['seeds']} |")
+    lines += ["", "| stage-2 steps | row | " + " | ".join(LENGTH_METRICS) + " |", "|---|---|" + "---|" * len(LENGTH_METRICS)]
+    for L in summary["lengths"]:
+        for r, ms in summary["per_length"][L]["rows"].items():
+            lines.append(f"| {L} | {r} | " + " | ".join(f"{ms[m]['mean']:.3f} {fmt_ci(ms[m]['ci']) if ms[m]['ci'] else ''}"
+                                                       for m in LENGTH_METRICS) + " |")
+    word = {True: "settled (each of the two longest lengths' 4 - 2 means lies inside the other's interval)",
+            False: "NOT settled (the two longest lengths' 4 - 2 differences disagree beyond their intervals)",
+            None: "not known (fewer than two lengths, or an interval missing)"}
+    lines += [""] + [f"{names[m]}: {word[s]}." for m, s in summary["settled"].items()]
+    return "\n".join(lines) + "\n"
+
+
+def length_picture(summary, path):
+    """stage2_length.png: the first ruler's Frechet distance, precision and recall of rows 2 (MSE continued) and 4
+    (self-perceptual) against stage-2 steps, each point the mean over seeds with its 95% interval."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    L = summary["lengths"]
+    for ax, m in zip(axes, ("fd", "precision", "recall")):
+        for r, name, shift in ((2, "2: MSE continued (control)", 0.97), (4, "4: self-perceptual", 1.03)):
+            e = [summary["per_length"][x]["rows"][r][m] for x in L]
+            mean = [p["mean"] for p in e]
+            err = [[p["mean"] - (p["ci"] or [p["mean"]] * 2)[0] for p in e], [(p["ci"] or [p["mean"]] * 2)[1] - p["mean"] for p in e]]
+            ax.errorbar([x * shift for x in L], mean, yerr=err, marker="o", capsize=3, label=name)
+        ax.set_xscale("log")
+        ax.set_xlabel("stage-2 steps (and the control's)")
+        ax.set_title({"fd": "Frechet distance (1st ruler)", "precision": "precision", "recall": "recall"}[m])
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def seed_runs(out, seeds, stage2_seeds):
@@ -1165,7 +1335,9 @@ def finished_result(sub, preset, seed, overrides, ablations=False):
                 all(res["train"][k] == v for k, v in p["train"].items()))
         hashes = {k: weights_hash(load_checkpoint(res["stage1"] if k == "mse" else os.path.join(sub, k, "ckpt.pt"))["ema"])
                   for k in res["stage_hashes"]}
-        return res if same and hashes == res["stage_hashes"] and (not ablations or "ablations" in res) else None
+        present = {a["ablation"]["model"][3:] for a in res.get("ablations", [])}
+        asked = {k for _, k, _, _ in selected_ablations(ablations)}
+        return res if same and hashes == res["stage_hashes"] and asked <= present else None
     except (OSError, ValueError, KeyError, UsageError):
         return None
 
@@ -1262,6 +1434,31 @@ def variance_sources(a, b):
     return out
 
 
+HELPS_RULE = ("a variant helps only if its pooled interval against the fair control (row 2) excludes 0 in its favour "
+              "on a primary measure named in advance (the first ruler's Frechet distance or precision), that verdict "
+              "held in at least 4 of every 5 seeds, and neither recall nor coverage is pooled worse than the "
+              "control's; every other result is reported as measured")
+PRIMARY = ["fd", "precision"]
+
+
+def variant_judgements(verdicts):
+    """HELPS_RULE applied to the pooled verdicts of each variant (VARIANTS) against row 2: [{row, key, helps, wins,
+    worse, verdict}], wins the primary measures it won by the rule, worse the diversity measures it lost."""
+    out = []
+    for v in verdicts:
+        if v["b"] != 2 or v["a"] < 20 or ABLATIONS[v["a"] - 20][0] not in VARIANTS:
+            continue
+        won = lambda m: (m in v and v[m]["verdict"] == f"row {v['a']} better" and v[m]["held"] >= math.ceil(0.8 *
+                                                                                                       v[m]["seeds"]))
+        wins = [m for m in PRIMARY if won(m)]
+        worse = [m for m in ("recall", "coverage") if m in v and v[m]["verdict"] == "row 2 better"]
+        helps = bool(wins) and not worse
+        out.append({"row": v["a"], "key": ABLATIONS[v["a"] - 20][0], "helps": helps, "wins": wins, "worse": worse,
+                    "verdict": "helps" if helps else "does not help by the rule" + (
+                        f" (won {', '.join(wins)} but lost {', '.join(worse)})" if wins else "")})
+    return out
+
+
 def pooled_markdown(pooled):
     """The pooled verdicts, each with its interval over seeds and k of K, the rows over seeds, and the sources."""
     K = len(pooled["seeds"])
@@ -1288,6 +1485,10 @@ def pooled_markdown(pooled):
     for r in pooled["rows"]:
         spread = lambda e: f"{e['mean']:.3f} {fmt_ci(e['ci']) if e['ci'] else ''} (sd {e['sd_seeds'] or 0:.3f} / se {e['se_sampling']:.3f})"
         lines.append(f"| {r['row']} | {r['name']} | " + " | ".join(spread(r[k]) if k in r else "-" for k in METRIC_KEYS) + " |")
+    if pooled.get("variant_judgements"):
+        lines += ["", f"Variants against the fair control, judged by the rule stated in advance: {HELPS_RULE}.", "",
+                  "| row | variant | verdict |", "|---|---|---|"]
+        lines += [f"| {j['row']} | {j['key']} | {j['verdict']} |" for j in pooled["variant_judgements"]]
     if pooled["sources"]:
         J = pooled["stage2_seeds"]
         lines += ["", f"Where the spread comes from (standard deviations): sampling alone / stage-2 seeds on one stage 1 "
@@ -1578,63 +1779,165 @@ def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides)
             "total_seconds": total, "total_flops": total_flop, "timed": timed, "per_image_flops": fl}
 
 
-def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
-    """Every accelerator path once, timed, in one command (a few minutes on a data-centre GPU; --tiny on a CPU is
-    how the test suite runs it): bench's figures (training img/s of both objectives, sampling img/s unguided and
-    guided at the training batch) in fp32, bf16 and compiled bf16 (with its first step, compilation included),
-    with the cifar10 preset's model on the built-in shapes at 32 px (no network needed); a 1-rank torchrun DDP run
-    (nccl on CUDA); peak memory; a tiny end-to-end reproduce; each GPU preset's hours at the FLOP/s achieved here.
-    Writes one JSON; returns the failures."""
+GPUCHECK_PATHS = ["bench_fp32", "bench_bf16", "compile_bf16", "train_loop", "stages_and_evaluation", "kill_and_rerun",
+                  "ddp_2_ranks", "standard_fid"]   # every path gpucheck rehearses; its JSON names each
+
+
+def descendants(pid):
+    """The process ids below `pid` (Linux's /proc), children first: torchrun starts its ranks in groups of their own."""
+    children = {}
+    for entry in os.listdir("/proc"):
+        try:
+            with open(f"/proc/{entry}/stat") as f:
+                ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+        except (OSError, ValueError, IndexError):
+            continue
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
+def launch(argv, nproc, log_prefix="", kill_after=None, timeout=600):
+    """Run a `perceptual_diffusion.py train` argv under torchrun on nproc ranks (OMP_NUM_THREADS=1 each); with
+    kill_after=k, SIGKILL it and its ranks once rank 0 has logged step k. Returns (exit code, stdout, stderr)."""
     import subprocess
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           perceptual_diffusion.__file__, *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    if kill_after is None:
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        return r.returncode, r.stdout, r.stderr
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    seen = []
+    for line in p.stdout:
+        seen.append(line)
+        if line.startswith(f"step {kill_after}/"):
+            for pid in descendants(p.pid) + [p.pid]:               # SIGKILL the ranks and torchrun, as a scheduler
+                try:                                               # ends a job: no handler, no last checkpoint
+                    os.kill(pid, 9)
+                except ProcessLookupError:
+                    pass
+            break
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, "".join(seen) + out, err
+
+
+def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
+    """Every path the cifar10 presets take, rehearsed at a tiny size and timed, in one command (at most a few minutes
+    on one GPU; --tiny on a CPU is how the test suite runs it), on the built-in shapes at 32 px (no network):
+    bench's figures in fp32, bf16 (where the GPU has native bf16) and compiled; the real training loop (EMA,
+    clipping, logging) whose img/s projects each GPU preset's hours; a tiny reproduce (stage 1 MSE, stage 2
+    self-perceptual with its frozen copy, the control, the evaluation with every ruler on the device); a stage
+    killed with SIGKILL and launched again with its printed torchrun command (it continues from its checkpoint, then
+    a third launch leaves the finished run untouched); DDP on 2 ranks (NCCL with 2 GPUs, gloo on a CPU; one GPU:
+    not exercised); standard FID with the real pytorch-fid network where its weights are already on disk (nothing
+    downloads them). Writes one JSON: the figures, and `paths` with each path "ok", "not exercised: why" or
+    "FAILED: the error"; returns the failures."""
     import tempfile
     dev = torch.device(device)
     model_keys = ["channels", "channel_mult", "num_res_blocks", "attn_res", "dropout", "batch_size"]
     cfg = {**{k: PRESETS["cifar10"]["train"][k] for k in model_keys}, "image_size": 32, "device": device}
     if tiny:
         cfg.update(channels=8, channel_mult="1,2", num_res_blocks=1, attn_res="", batch_size=4, image_size=8)
-    figures = {"device": machine(), "torch": torch.__version__, "config": cfg}
-    failures = {}
+    gpus = torch.cuda.device_count() if dev.type == "cuda" else 0
+    figures, paths, failures = {"device": machine(), "torch": torch.__version__, "config": cfg}, {}, {}
 
-    def part(name, fn):
+    def part(name, fn, skip=None):
+        """Run one path; record its figures, or why it was not exercised, or its failure (every path is tried)."""
+        if skip:
+            paths[name] = f"not exercised: {skip}"
+            log(f"{name}: {paths[name]}")
+            return
         t0 = time.time()
         try:
             figures[name] = fn()
+            paths[name] = "ok"
             log(f"{name}: {json.dumps(figures[name])} ({time.time() - t0:.0f} s)")
-        except Exception as e:                                     # every path is tried; each failure is reported
+        except Exception as e:
             failures[name] = f"{type(e).__name__}: {str(e).strip().splitlines()[0][:300] if str(e).strip() else ''}"
+            paths[name] = f"FAILED: {failures[name]}"
             log(f"{name}: FAILED {failures[name]}")
 
     speeds = lambda **kw: bench({**cfg, **kw}, iters=2 if tiny else 20, log=lambda s: None)
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
-    for precision in ("fp32", "bf16"):
-        part(precision, lambda: speeds(precision=precision))
-    part("compile_bf16", lambda: speeds(precision="bf16", compile=True))
-    figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    bf16 = dev.type == "cpu" or native_bf16(dev)                  # a CPU emulates it; an older GPU would only emulate
+    part("bench_fp32", lambda: speeds(precision="fp32"))
+    part("bench_bf16", lambda: speeds(precision="bf16"), None if bf16 else "this GPU has no native bf16")
+    part("compile_bf16", lambda: speeds(precision="bf16" if bf16 else "fp32", compile=True))
     with tempfile.TemporaryDirectory() as tmp:
+        flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()] + ["--sample-every", "0"]
+
+        def train_loop():
+            steps = 12 if tiny else 200
+            train({**cfg, "steps": steps, "log_every": steps // 4, "out": os.path.join(tmp, "loop"), "sample_every": 0,
+                   "warmup": 1}, log=lambda s: None)
+            with open(os.path.join(tmp, "loop", perceptual_diffusion.METRICS)) as f:
+                last = [json.loads(line) for line in f][-1]               # after the warm-up of the first lines
+            return {"train_img_s_mse": last["img_s"], "steps": steps, "with": "EMA, clipping, logging"}
+        part("train_loop", train_loop)
+
+        def stages():
+            more = {} if tiny else dict(stage1_steps=48, stage2_steps=24)
+            res = reproduce("smoke", os.path.join(tmp, "r"), device, log=lambda s: None, **more)
+            return {"minutes": res["wall_seconds"] / 60, "rulers_on": res["device"], "rows": len(res["rows"])}
+        part("stages_and_evaluation", stages)
+
+        def kill_and_rerun():
+            steps, every = (60, 5) if tiny else (600, 50)
+            line = print_commands("smoke", min(max(gpus, 1), 2), os.path.join(tmp, "k"), device=device,
+                                  log=lambda s: None, stage1_steps=steps, train={"ckpt_every": every, "log_every": 1})[0]
+            argv = shlex.split(line)[3:]                               # after torchrun and its launch flags
+            nproc = int(shlex.split(line)[2].split("=")[1])
+            ckpt = os.path.join(tmp, "k", "mse", "ckpt.pt")
+            code, _, err = launch(argv[1:], nproc, kill_after=every + 2)
+            at = load_checkpoint(ckpt)["step"]
+            if not every <= at < steps:
+                raise RuntimeError(f"after the kill the checkpoint is at step {at}, not between {every} and {steps}")
+            code, stdout, err = launch(argv[1:], nproc)
+            if code or f"at step {at}" not in stdout:
+                raise RuntimeError(f"the relaunch did not continue from step {at}: {(err.strip().splitlines() or [''])[-1]}")
+            before = open(ckpt, "rb").read()
+            code, stdout, err = launch(argv[1:], nproc)
+            if code or open(ckpt, "rb").read() != before:
+                raise RuntimeError("launching the finished stage again changed it")
+            return {"killed_at_checkpoint": at, "ranks": nproc, "continued_and_finished": steps, "third_launch": "untouched"}
+        part("kill_and_rerun", kill_and_rerun)
+
         def ddp():
-            argv = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=1", perceptual_diffusion.__file__,
-                    "train", "--steps", "4", "--out", os.path.join(tmp, "ddp"), "--device", device, "--sample-every", "0",
-                    *[f"--{k.replace('_', '-')}={v}" for k, v in cfg.items() if k != "device"]]
             t0 = time.time()
-            r = subprocess.run(argv, capture_output=True, text=True, timeout=600)
-            if r.returncode:
-                raise RuntimeError((r.stderr.strip().splitlines() or ["no output"])[-1])
-            return {"seconds": time.time() - t0, "backend": "nccl" if dev.type == "cuda" else "gloo"}
-        part("ddp_torchrun_1_rank", ddp)
-        part("reproduce_smoke", lambda: {"minutes": reproduce("smoke", os.path.join(tmp, "r"), device,
-                                                              log=lambda s: None)["wall_seconds"] / 60})
-    if "bf16" in figures:          # this GPU's achieved FLOP/s (bf16 mse training) applied to each preset's count
-        achieved = figures["bf16"]["train_img_s_mse"] * count_flops(cfg)["mse"]
-        figures["achieved_tflop_s_bf16"] = achieved / 1e12
+            code, stdout, err = launch(["train", *flags, "--steps", "4", "--out", os.path.join(tmp, "ddp")], 2)
+            if code or "2 rank(s)" not in stdout:
+                raise RuntimeError((err.strip().splitlines() or ["no output"])[-1])
+            return {"seconds": time.time() - t0, "backend": "nccl" if dev.type == "cuda" else "gloo", "ranks": 2}
+        part("ddp_2_ranks", ddp, None if dev.type == "cpu" or gpus >= 2 else
+             f"multi-rank NCCL not exercised: {gpus} GPU here (the 1-rank launch above ran)")
+
+        weights = os.path.join(torch.hub.get_dir(), "checkpoints", "pt_inception-2015-12-05-6726825d.pth")
+
+        def fid():
+            ruler = Ruler("fid", "shapes", os.path.join(tmp, "data"), 32, 0, 500, dev, log=lambda s: None)
+            model = UNet(**model_kwargs({**TRAIN_DEFAULTS, **cfg, "num_classes": 10})).to(dev).eval()
+            n = 200 if tiny else 2000
+            return {"fid_untrained_model": standard_fid(model, schedule_from(TRAIN_DEFAULTS), ruler, n, 4), "samples": n}
+        part("standard_fid", fid, None if importlib.util.find_spec("pytorch_fid") and os.path.isfile(weights) else
+             f"pytorch-fid or its weights ({weights}) are not here, and nothing downloads them in this check")
+    figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
+    if "train_loop" in figures:    # this device's achieved FLOP/s in the real loop, applied to each preset's count
+        achieved = figures["train_loop"]["train_img_s_mse"] * count_flops(cfg)["mse"]
+        figures["achieved_tflop_s"] = achieved / 1e12
         figures["projected_hours"] = {name: sum(n * unit_flops(p)[kind] for _, n, kind in work(p)) / achieved / 3600
                                       for name, p in PRESETS.items() if p.get("target") == "gpu"}
-        log(f"this device: {achieved / 1e12:.1f} TFLOP/s achieved (bf16 training); hours per preset, at that rate: "
+        log(f"this device: {achieved / 1e12:.2f} TFLOP/s achieved (training loop); hours per preset, at that rate: "
             + ", ".join(f"{k} {v:.1f} h" for k, v in figures["projected_hours"].items()))
-    figures["failures"] = failures
+    figures.update(paths=paths, failures=failures)
     with open(out, "w") as f:
         json.dump(figures, f, indent=1)
-    log(f"wrote {out}: {len(failures)} failure(s)")
+    log(f"wrote {out}: {len(failures)} failure(s)" + (f": {', '.join(failures)}" if failures else ""))
     return failures
 
 
@@ -1645,6 +1948,28 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
 def at_least(k):
     """An integer >= k (a covariance needs at least 2 samples)."""
     return ranged(int, lambda v: v >= k, f"an integer >= {k}")
+
+
+def steps_list(text):
+    """'N' or 'N1,N2,...': distinct positive step counts, ascending."""
+    try:
+        steps = [int(v) for v in text.split(",")]
+    except ValueError:
+        steps = []
+    if not steps or min(steps) < 1 or len(set(steps)) != len(steps):
+        raise argparse.ArgumentTypeError(f"must be a positive integer or distinct ones such as 600,2500, got {text!r}")
+    return sorted(steps)
+
+
+def ablation_list(text):
+    """'all' (True) or ablation keys, comma-separated (a list)."""
+    keys = [k for k, _, _ in ABLATIONS]
+    asked = [k.strip() for k in text.split(",") if k.strip()]
+    if text == "all":
+        return True
+    if not asked or any(k not in keys for k in asked):
+        raise argparse.ArgumentTypeError(f"must be all or some of {', '.join(keys)} (comma-separated), got {text!r}")
+    return asked
 
 
 def seeds_arg(text):
@@ -1680,7 +2005,8 @@ def build_parser():
                    "1), cpu-long (trains its own, <= 60 min on 2 cores), cifar10 (DDPM's recipe, one GPU), cifar10-quick "
                    "(at half width: 1.6 h projected on one GPU), smoke (seconds)")
     p.add_argument("--out", default="runs/reproduce", help="run folder; finished stages in it are reused (default: runs/reproduce)")
-    p.add_argument("--device", type=DEVICE, default=None, help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
+    p.add_argument("--device", type=device_arg, default=None, help="device: auto (cuda, else mps, else cpu; a GPU "
+                   "preset then refuses a CPU), cpu, cuda or mps (default: auto)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
     p.add_argument("--seeds", type=seeds_arg, default=None, metavar="K|S1,S2,..", help="run the whole pipeline once per "
                    "training seed (K: seeds 0..K-1), each in --out/seedS, and pool the verdicts over them (pooled.md)")
@@ -1695,14 +2021,21 @@ def build_parser():
                    "model (the cpu preset's default: its data and model only) or trained by this run (the other "
                    "presets' default)")
     p.add_argument("--stage1-steps", type=POS_INT, default=None, help="override the preset's stage-1 (MSE) steps")
-    p.add_argument("--stage2-steps", type=POS_INT, default=None, help="override the preset's stage-2 steps (and the control's)")
+    p.add_argument("--stage2-steps", type=steps_list, default=None, metavar="N|N1,N2,..", help="override the preset's "
+                   "stage-2 steps (and the control's); a list runs the length sweep, each length in --out/stepsN "
+                   "with --seeds, and writes lengths.md and stage2_length.png")
     p.add_argument("--eval-n", type=at_least(2), default=None, help="override the preset's samples per row")
-    p.add_argument("--ablations", action="store_true", help="also train and evaluate the paper's ablations of the "
-                   "self-perceptual objective; writes ablations.md and ablations.json")
+    p.add_argument("--ablations", type=ablation_list, nargs="?", const=True, default=False, metavar="NAMES",
+                   help="also train and evaluate the ablations of the self-perceptual objective (the paper's and the "
+                   f"variants beyond it): all, or some of {','.join(k for k, _, _ in ABLATIONS)}; writes "
+                   "ablations.md and ablations.json")
     p.add_argument("--estimate", action="store_true", help="count the FLOPs of each stage and of sampling, time a few "
                    "steps (or project the time of a GPU preset on a CPU) and print the cost; train nothing")
     p.add_argument("--print-commands", type=POS_INT, default=None, metavar="NPROC", help="print the torchrun command "
                    "of each training stage on NPROC GPUs and the reproduce command that then evaluates them; run nothing")
+    p.add_argument("--nnodes", type=POS_INT, default=1, help="with --print-commands: the number of nodes (default: 1)")
+    p.add_argument("--rdzv-endpoint", default="", metavar="HOST:PORT", help="with --print-commands and --nnodes > 1: "
+                   "where the nodes meet (torchrun's rendezvous)")
     add_train_args(p, REPRODUCE_TRAIN_ARGS, override=True)
     p = sub.add_parser("pretrain", help="regenerate the shipped stage 1 (pretrained/): train it, store it in fp16 "
                        "with its sha256, measure it")
@@ -1739,14 +2072,42 @@ def run_evaluate(args):
                           f"printed above")
 
 
+def device_arg(text):
+    """--device of reproduce: as DEVICE, but `auto` kept as it is, so that an explicit --device cpu can be told from
+    a machine where auto found no GPU."""
+    return text if text == "auto" else DEVICE(text)
+
+
 def run_reproduce(args):
-    """`reproduce`: the comparison once, over seeds, or its projected cost (--estimate)."""
-    overrides = dict(fid_protocol=args.fid_protocol, stage1=args.stage1, stage1_steps=args.stage1_steps, stage2_steps=args.stage2_steps, eval_n=args.eval_n,
-                     cooldown=args.cooldown, train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
+    """`reproduce`: the comparison once, over seeds, or its projected cost (--estimate). A GPU preset refuses to
+    train where no GPU is visible unless --device cpu is given (--estimate and --print-commands train nothing)."""
+    explicit_cpu = args.device is not None and args.device != "auto" and torch.device(args.device).type == "cpu"
+    args.device = None if args.device == "auto" else args.device
+    device = args.device or TRAIN_DEFAULTS["device"]
+    if (PRESETS[args.preset].get("target") == "gpu" and torch.device(device).type == "cpu" and not explicit_cpu
+            and not (args.estimate or args.print_commands)):
+        raise UsageError(f"--preset {args.preset} is sized for a GPU and none is visible here (torch "
+                         f"{torch.__version__}, CUDA available: {torch.cuda.is_available()}): run it where CUDA is, "
+                         "or give --device cpu to train it on this CPU anyway (--estimate projects the time)")
+    lengths = args.stage2_steps or [None]
+    overrides = dict(fid_protocol=args.fid_protocol, stage1=args.stage1, stage1_steps=args.stage1_steps,
+                     stage2_steps=lengths[0], eval_n=args.eval_n, cooldown=args.cooldown,
+                     train={k: getattr(args, k) for k in REPRODUCE_TRAIN_ARGS})
     if args.stage2_seeds and not args.seeds:
         raise UsageError("--stage2-seeds needs --seeds")
-    if args.print_commands:
-        print_commands(args.preset, args.print_commands, args.out, args.seed, args.device, args.ablations, **overrides)
+    if len(lengths) > 1:
+        if args.print_commands or args.stage2_seeds:
+            raise UsageError("a list of --stage2-steps runs the length sweep: give one length with "
+                             f"{'--print-commands' if args.print_commands else '--stage2-seeds'}")
+        for steps in lengths:
+            if args.estimate:
+                estimate(args.preset, args.device, runs=len(args.seeds or [0]), **{**overrides, "stage2_steps": steps})
+        if not args.estimate:
+            reproduce_lengths(args.preset, args.out, lengths, args.seeds or [0], args.device, ablations=args.ablations,
+                              **overrides)
+    elif args.print_commands:
+        print_commands(args.preset, args.print_commands, args.out, args.seed, args.device, args.ablations,
+                       nnodes=args.nnodes, rdzv_endpoint=args.rdzv_endpoint, **overrides)
     elif args.estimate:
         estimate(args.preset, args.device, runs=len(args.seeds or [0]), stage2_runs=args.stage2_seeds, **overrides)
     elif args.seeds:

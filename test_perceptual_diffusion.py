@@ -299,7 +299,9 @@ def tiny_stage1(tmp_path_factory):
     return str(path / "stage1" / "ckpt.pt")
 
 
-@pytest.mark.parametrize("variant", [dict(sp_features="all"), dict(sp_distance="mae"), dict(perceptual_net="ema")])
+@pytest.mark.parametrize("variant", [dict(sp_features="all"), dict(sp_distance="mae"), dict(perceptual_net="ema"),
+                                     dict(sp_t_max=0.2), dict(sp_t_prime_max=0.2), dict(sp_with_mse="auto"),
+                                     dict(sp_with_mse="0.5", sp_t_max=0.2)])
 def test_every_ablation_trains_the_online_model_through_a_perceptual_net_that_gets_no_gradient(variant, tmp_path, tiny_stage1):
     init = tiny_stage1
     _, stats = pd.train({**TINY_CFG, "out": str(tmp_path / "sp"), "steps": 2, "loss": "self-perceptual", "init": init,
@@ -309,11 +311,72 @@ def test_every_ablation_trains_the_online_model_through_a_perceptual_net_that_ge
     assert any(not torch.equal(before[k], after[k]) for k in before)       # the online model learnt
     model = tiny_unet()
     perceptual = pd.frozen_copy(tiny_unet(seed=1))
-    opts = {pd.SP_ABLATION_KEYS[k]: v for k, v in variant.items() if k in pd.SP_ABLATION_KEYS}
+    opts = pd.sp_options({**pd.TRAIN_DEFAULTS, **stats["config"]})
     pd.self_perceptual_loss(model, perceptual, pd.Schedule(1000), torch.randn(4, 3, 8, 8), torch.tensor([0, 1, 2, 0]),
                             **opts).backward()
     assert all(p.grad is not None for p in model.parameters())
     assert all(p.grad is None and not p.requires_grad for p in perceptual.parameters())
+
+
+def sp_case(seed=0):
+    """A tiny online model, a frozen perceptual net and a batch with its t, t' and eps drawn."""
+    g = torch.Generator().manual_seed(seed)
+    x0, y = torch.randn(6, 3, 8, 8, generator=g), torch.tensor([0, 1, 2, 0, 1, 2])
+    return (tiny_unet(), pd.frozen_copy(tiny_unet(seed=1)), pd.Schedule(1000), x0, y,
+            dict(t=torch.tensor([10, 150, 199, 200, 500, 999]), t_prime=torch.randint(0, 1000, (6,), generator=g),
+                 eps=torch.randn(6, 3, 8, 8, generator=g)))
+
+
+def test_the_gated_term_is_the_batch_mean_of_the_terms_of_samples_whose_t_is_below_its_bound():
+    model, f_star, s, x0, y, draw = sp_case()
+    gated = pd.self_perceptual_loss(model, f_star, s, x0, y, t_max=200, **draw)
+    alone = [pd.self_perceptual_loss(model, f_star, s, x0[i:i + 1], y[i:i + 1], t=draw["t"][i:i + 1],
+                                     t_prime=draw["t_prime"][i:i + 1], eps=draw["eps"][i:i + 1]) for i in range(6)]
+    assert gated.item() == pytest.approx(sum(alone[:3]).item() / 6, rel=1e-5) and gated > 0   # t = 10, 150, 199
+    high = dict(draw, t=torch.full((6,), 200))
+    assert pd.self_perceptual_loss(model, f_star, s, x0, y, t_max=200, **high).item() == 0    # none below: 0
+    x = x0.clone().requires_grad_()
+    pd.self_perceptual_loss(model, f_star, s, x, y, t_max=200, **draw).backward()
+    assert x.grad[3:].abs().max() == 0 and x.grad[:3].abs().max() > 0       # samples at t >= 200 teach nothing
+
+
+def test_t_prime_is_never_at_or_above_its_bound_and_fills_the_range_below_it(monkeypatch):
+    model, f_star, s, x0, y, _ = sp_case()
+    seen, real = [], f_star.features
+    monkeypatch.setattr(f_star, "features", lambda x, t, y, layers: seen.append(t) or real(x, t, y, layers))
+    for _ in range(40):
+        pd.self_perceptual_loss(model, f_star, s, x0, y, t_prime_max=200)
+    t_prime = torch.cat(seen)                                               # 480 draws of U{0..199}
+    assert t_prime.max() < 200 and t_prime.min() < 20 and t_prime.max() >= 180
+
+
+def test_the_kept_mse_term_and_lambda_are_in_the_loss_and_its_gradient():
+    model, f_star, s, x0, y, draw = sp_case()
+    grads = lambda l: torch.autograd.grad(l, list(model.parameters()))
+    both = pd.self_perceptual_loss(model, f_star, s, x0, y, mse_lambda=0.3, **draw)
+    mse = pd.mse_loss(model, s, x0, y, t=draw["t"], eps=draw["eps"])
+    sp = pd.self_perceptual_loss(model, f_star, s, x0, y, **draw)
+    assert both.item() == pytest.approx(mse.item() + 0.3 * sp.item(), rel=1e-6) and mse > 0 and sp > 0
+    for g, gm, gs in zip(grads(both), grads(mse), grads(sp)):
+        assert torch.allclose(g, gm + 0.3 * gs, atol=1e-6)
+
+
+def test_auto_lambda_gives_both_terms_equal_gradient_norms_on_one_batch_and_a_run_records_it(tmp_path, tiny_stage1):
+    model, f_star, s, x0, y, _ = sp_case()
+    torch.manual_seed(5)
+    g_mse, g_sp = pd.balanced_lambda(model, f_star, s, x0, y, **pd.sp_options(pd.TRAIN_DEFAULTS))
+    torch.manual_seed(5)                                                    # the same t and eps again
+    t, eps = pd.draw_t_eps(s, x0)
+    norm = lambda l: torch.cat([g.flatten() for g in torch.autograd.grad(l, list(model.parameters()))]).norm()
+    lam = (g_mse / g_sp).item()
+    sp = pd.self_perceptual_loss(model, f_star, s, x0, y, t=t, eps=eps)
+    assert norm(lam * sp).item() == pytest.approx(norm(pd.mse_loss(model, s, x0, y, t, eps)).item(), rel=1e-4)
+    cfg = {**TINY_CFG, "out": str(tmp_path / "sp"), "steps": 2, "loss": "self-perceptual", "init": tiny_stage1,
+           "sp_with_mse": "auto", "ckpt_every": 1}
+    pd.train({**cfg, "steps": 1}, log=lambda s: None)
+    first = pd.load_checkpoint(str(tmp_path / "sp" / "ckpt.pt"))["config"]["sp_lambda_value"]
+    pd.train(cfg, log=lambda s: None)                                       # continued: computed once, kept
+    assert 0 < first < math.inf and pd.load_checkpoint(str(tmp_path / "sp" / "ckpt.pt"))["config"]["sp_lambda_value"] == first
 
 
 def test_ema_perceptual_net_changes_after_a_step_and_the_frozen_one_does_not(tmp_path, tiny_stage1):

@@ -306,7 +306,10 @@ def test_estimate_projects_every_stage_without_training(tmp_path, monkeypatch, c
 def smoke_run(tmp_path_factory):
     """One smoke reproduction with the ablations, shared by the tests below (each checks another property)."""
     out = tmp_path_factory.mktemp("reproduce") / "a"
-    return out, rp.reproduce("smoke", str(out), device="cpu", ablations=True, log=lambda s: None)
+    return out, rp.reproduce("smoke", str(out), device="cpu", ablations=True, log=SMOKE_LOG.append)
+
+
+SMOKE_LOG = []   # what the shared smoke reproduction logged
 
 
 def test_reproduce_smoke_preset_writes_tables_pictures_unconditional_rows_and_verdicts(smoke_run):
@@ -613,29 +616,48 @@ def test_reproduce_estimate_takes_the_model_flags(capsys):
     assert param(small) > param(capsys.readouterr().out)
 
 
-def test_gpu_check_runs_every_path_on_the_cpu_in_tiny_mode_and_writes_every_field(tmp_path, monkeypatch):
+def test_gpu_check_rehearses_every_path_on_the_cpu_in_tiny_mode_and_its_json_names_each(tmp_path, monkeypatch):
     monkeypatch.setattr(torch, "compile", lambda model: model)   # compiling takes minutes on a CPU; the plumbing is tested
     out = tmp_path / "gpu.json"
     assert rp.gpu_check("cpu", tiny=True, out=str(out), log=lambda s: None) == {}
     figures = json.loads(out.read_text())
-    assert {"device", "torch", "config", "fp32", "bf16", "compile_bf16", "peak_memory_gb", "ddp_torchrun_1_rank",
-            "reproduce_smoke", "projected_hours", "failures"} <= figures.keys()
-    for part in ("fp32", "bf16", "compile_bf16"):
+    assert set(figures["paths"]) == set(rp.GPUCHECK_PATHS) and figures["failures"] == {}
+    assert all(figures["paths"][k] == "ok" for k in rp.GPUCHECK_PATHS if k != "standard_fid")
+    assert figures["paths"]["standard_fid"].startswith("not exercised: pytorch-fid")   # no weights on this machine
+    for part in ("bench_fp32", "bench_bf16", "compile_bf16"):
         assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_step_ratio"] > 0
-    assert figures["ddp_torchrun_1_rank"]["backend"] == "gloo" and set(figures["projected_hours"]) == {"cifar10", "cifar10-quick"}
+    assert figures["ddp_2_ranks"]["backend"] == "gloo" and figures["ddp_2_ranks"]["ranks"] == 2
+    kill = figures["kill_and_rerun"]
+    assert kill["killed_at_checkpoint"] % 5 == 0 and 5 <= kill["killed_at_checkpoint"] < 60
+    assert figures["stages_and_evaluation"]["rows"] == len(rp.ROWS) and figures["train_loop"]["train_img_s_mse"] > 0
+    assert set(figures["projected_hours"]) == {"cifar10", "cifar10-quick"}
     assert figures["projected_hours"]["cifar10"] > 3 * figures["projected_hours"]["cifar10-quick"] > 0
+
+
+def test_gpu_check_on_one_gpu_says_multi_rank_nccl_was_not_exercised(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    seen = {}
+    monkeypatch.setattr(rp.json, "dump", lambda obj, f, **kw: seen.update(obj))
+    for name in ("bench", "train", "reproduce", "launch", "count_flops"):      # every path fails at once: no GPU here
+        monkeypatch.setattr(rp, name, lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no GPU in this test")))
+    monkeypatch.setattr(rp, "native_bf16", lambda d: True)
+    monkeypatch.setattr(torch.cuda, "reset_peak_memory_stats", lambda d: None)
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda d: 0)
+    rp.gpu_check("cuda", tiny=True, out=os.devnull, log=lambda s: None)
+    assert seen["paths"]["ddp_2_ranks"].startswith("not exercised: multi-rank NCCL not exercised: 1 GPU")
 
 
 def test_gpu_check_reports_every_failing_path_and_exits_non_zero(tmp_path, monkeypatch):
     def fail(*a, **kw):
         raise RuntimeError("CUDA error: an illegal memory access")
-    for name in ("bench", "reproduce"):
+    for name in ("bench", "reproduce", "train"):
         monkeypatch.setattr(rp, name, fail)
-    monkeypatch.setattr(subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 1, "", "NCCL error\n"))
+    monkeypatch.setattr(rp, "launch", lambda *a, **kw: (1, "", "NCCL error\n"))
     assert rp.main(["gpucheck", "--device", "cpu", "--tiny", "--out", str(tmp_path / "g.json")]) == 1
-    failures = json.loads((tmp_path / "g.json").read_text())["failures"]
-    assert set(failures) == {"fp32", "bf16", "compile_bf16", "ddp_torchrun_1_rank", "reproduce_smoke"}
-    assert failures["ddp_torchrun_1_rank"] == "RuntimeError: NCCL error" and "illegal memory" in failures["fp32"]
+    figures = json.loads((tmp_path / "g.json").read_text())
+    assert set(figures["failures"]) == set(rp.GPUCHECK_PATHS) - {"standard_fid"}
+    assert figures["failures"]["ddp_2_ranks"] == "RuntimeError: NCCL error" and "illegal memory" in figures["failures"]["bench_fp32"]
+    assert all(figures["paths"][k].startswith("FAILED") for k in figures["failures"])
 
 
 # ------------------------------------------ bad inputs -----------------------------------------
@@ -988,3 +1010,121 @@ def test_a_sample_outside_the_range_is_measured_exactly_as_its_saved_image(shape
     assert "saved uint8" in shapes_ruler.protocol["samples_measured_as"]
     unquantised = shapes_ruler.nets["classifier"](x)[0].double()             # what the old protocol measured
     assert not torch.allclose(unquantised, rp.extract(shapes_ruler.nets["classifier"], x, "cpu")[0])
+
+
+# ------------------------------ the GPU route: fail early, watch the run, many nodes ------------------------------
+
+def test_a_gpu_preset_refuses_to_train_where_no_gpu_is_visible_unless_device_cpu_and_estimate_still_answers(
+        tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(rp, "reproduce", lambda *a, **k: pytest.fail("trained a GPU preset on a CPU"))
+    for device in ([], ["--device", "auto"]):
+        assert rp.main(["reproduce", "--preset", "cifar10-quick", "--out", str(tmp_path / "r"), *device]) == 2
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and "sized for a GPU" in err and "--device cpu" in err
+    monkeypatch.setattr(rp, "estimate", lambda *a, **k: print("estimated"))
+    assert rp.main(["reproduce", "--preset", "cifar10-quick", "--estimate"]) == 0 and "estimated" in capsys.readouterr().out
+    ran = []
+    monkeypatch.setattr(rp, "reproduce", lambda *a, **k: ran.append(a))
+    assert rp.main(["reproduce", "--preset", "cifar10-quick", "--device", "cpu", "--out", str(tmp_path / "r")]) == 0 and ran
+
+
+def test_pytorch_fid_missing_is_refused_before_any_stage_trains(tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "pytorch_fid", None)           # import fails as if not installed
+    fake = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10, [str(i) for i in range(10)], True
+    monkeypatch.setattr(rp, "load_dataset", lambda *a, **k: fake)   # CIFAR-10 mocked: it cannot download here
+    monkeypatch.setattr(rp, "train", lambda *a, **k: pytest.fail("a stage trained before the rulers were built"))
+    assert rp.main(["reproduce", "--preset", "cifar10-quick", "--device", "cpu", "--out", str(tmp_path / "r")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "pip install pytorch-fid" in err
+
+
+def test_every_stage_of_a_reproduction_has_a_metrics_log_and_the_run_draws_their_loss_curves(smoke_run):
+    out, res = smoke_run
+    stages = ["mse", "self-perceptual", "mse-continued"] + [f"sp-{k}" for k, _, _ in rp.ABLATIONS]
+    assert sorted(res["loss_curves"]) == sorted(stages)
+    for stage in stages:
+        lines = [json.loads(line) for line in open(out / stage / pd.METRICS)]
+        assert lines and lines[-1]["step"] == pd.load_checkpoint(str(out / stage / "ckpt.pt"))["step"]
+    from PIL import Image
+    assert Image.open(out / "loss_curves.png").size[0] > 400
+
+
+def test_a_reproduction_logs_its_evaluation_progress_rows_samples_and_time_left(smoke_run):
+    rows = [line for line in SMOKE_LOG if line.startswith("row ") and " rows, " in line]
+    n = len(rp.ROWS) + len(rp.ABLATIONS)
+    assert len(rows) == n and f"1 of {n} rows" in rows[0] and f"{n} of {n} rows" in rows[-1]
+    assert "min left" in rows[0] and f"{n * 20:,} of {n * 20:,} samples" in rows[-1]        # smoke: 20 per row
+
+
+def test_printed_commands_for_several_nodes_name_the_rendezvous_and_need_it(capsys, tmp_path):
+    lines = rp.print_commands("smoke", 8, str(tmp_path / "m"), device="cpu", log=lambda s: None, nnodes=2,
+                              rdzv_endpoint="node0:29500")
+    assert all(line.startswith("torchrun --nnodes=2 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=node0:29500 ")
+               for line in lines[:-1]) and "--standalone" not in lines[0]
+    assert rp.main(["reproduce", "--preset", "smoke", "--print-commands", "8", "--nnodes", "2"]) == 2
+    assert "--rdzv-endpoint HOST:PORT" in capsys.readouterr().err
+
+
+def test_ablations_by_name_train_only_those_keeping_their_rows(smoke_run, tmp_path):
+    out, _ = smoke_run
+    import shutil
+    shutil.copytree(out, tmp_path / "n", ignore=shutil.ignore_patterns("sp-*"))
+    res = rp.reproduce("smoke", str(tmp_path / "n"), device="cpu", ablations=["plus-mse"], log=lambda s: None)
+    row = 20 + [k for k, _, _ in rp.ABLATIONS].index("plus-mse")
+    assert [a["ablation"]["row"] for a in res["ablations"]] == [row] and res["ablations"][0]["key"] == "plus-mse"
+    assert sorted(p.name for p in (tmp_path / "n").iterdir() if p.name.startswith("sp-")) == ["sp-plus-mse"]
+    assert res["ablations"][0]["ablation"]["sp_lambda_value"] > 0                    # auto: computed and recorded
+
+
+def pooled_verdict(a, b, per_metric):
+    """A pooled verdict entry: {metric: (mean, ci, held)} over 5 seeds."""
+    entry = {"a": a, "b": b, "what": ""}
+    for m, (mean, ci, held) in per_metric.items():
+        better = a if (mean > 0) == (m not in ("fd", "fd_random", "kid", "kid_random")) else b
+        word = f"row {better} better" if not ci[0] <= 0 <= ci[1] else "not distinguishable over seeds"
+        entry[m] = {"diff": mean, "ci": ci, "verdict": word, "held": held, "seeds": 5, "per_seed": []}
+    return entry
+
+
+@pytest.mark.parametrize("fd, precision, recall, helps", [
+    ((-0.2, [-0.3, -0.1], 4), (0.0, [-0.1, 0.1], 2), (0.0, [-0.1, 0.1], 0), True),      # FD won in 4 of 5
+    ((-0.2, [-0.3, -0.1], 3), (0.0, [-0.1, 0.1], 2), (0.0, [-0.1, 0.1], 0), False),     # held in 3 of 5 only
+    ((-0.2, [-0.3, -0.1], 5), (0.0, [-0.1, 0.1], 2), (-0.1, [-0.2, -0.05], 5), False),  # but recall worse
+    ((0.0, [-0.1, 0.1], 0), (0.05, [0.01, 0.09], 5), (0.0, [-0.1, 0.1], 0), True),      # precision won
+    ((0.2, [0.1, 0.3], 5), (0.0, [-0.1, 0.1], 0), (0.0, [-0.1, 0.1], 0), False)])       # FD worse: no win
+def test_a_variant_helps_only_by_the_rule_stated_in_advance(fd, precision, recall, helps):
+    row = 20 + [k for k, _, _ in rp.ABLATIONS].index("lpl-gated")
+    v = pooled_verdict(row, 2, {"fd": fd, "precision": precision, "recall": recall,
+                                "coverage": (0.0, [-0.1, 0.1], 0)})
+    against_row_4 = pooled_verdict(row, 4, {"fd": (-1.0, [-2.0, -0.5], 5)})      # not the fair control: ignored
+    (j,) = rp.variant_judgements([v, against_row_4])
+    assert j["key"] == "lpl-gated" and j["helps"] is helps
+
+
+def fake_pooled(seeds, diffs):
+    """A pooled result whose 4 - 2 and 4 - 1 verdicts have the given (mean, ci) on every LENGTH_METRICS metric."""
+    rows = [{"row": r, **{m: {"mean": 1.0, "ci": [0.9, 1.1]} for m in rp.LENGTH_METRICS}} for r in (1, 2, 4)]
+    verdicts = [pooled_verdict(4, b, {m: (*diffs, 2) for m in rp.LENGTH_METRICS}) for b in (2, 1)]
+    return {"seeds": seeds, "verdicts": verdicts, "rows": rows}
+
+
+def test_the_length_sweep_calls_the_curve_settled_only_where_the_two_longest_lengths_agree(tmp_path):
+    agree = rp.length_summary({600: fake_pooled([0, 1, 2], (0.5, [0.2, 0.8])),
+                               2500: fake_pooled([0, 1, 2], (0.3, [0.1, 0.5])), 10000: fake_pooled([0, 1, 2], (0.35, [0.2, 0.5]))})
+    assert agree["settled"] == {"fd": True, "precision": True} and agree["lengths"] == [600, 2500, 10000]
+    drift = rp.length_summary({600: fake_pooled([0, 1, 2], (0.1, [0.0, 0.2])), 2500: fake_pooled([0, 1, 2], (0.6, [0.5, 0.7]))})
+    assert drift["settled"] == {"fd": False, "precision": False}
+    assert "NOT settled" in rp.lengths_markdown(drift) and "| 2500 | 3 | 4 - 2 |" in rp.lengths_markdown(drift)
+    rp.length_picture(agree, str(tmp_path / "len.png"))
+    from PIL import Image
+    assert Image.open(tmp_path / "len.png").size[0] > 600
+
+
+def test_a_list_of_stage_2_lengths_runs_the_sweep_each_length_in_its_folder(tmp_path, monkeypatch):
+    calls = []
+    monkeypatch.setattr(rp, "reproduce_seeds", lambda preset, out, seeds, *a, **kw: calls.append((out, seeds, kw["stage2_steps"]))
+                        or fake_pooled(seeds, (0.1, [0.0, 0.2])))
+    assert rp.main(["reproduce", "--stage2-steps", "2500,600", "--seeds", "2", "--out", str(tmp_path / "L")]) == 0
+    assert calls == [(str(tmp_path / "L" / "steps600"), [0, 1], 600), (str(tmp_path / "L" / "steps2500"), [0, 1], 2500)]
+    assert (tmp_path / "L" / "lengths.md").exists() and (tmp_path / "L" / "stage2_length.png").exists()
