@@ -1241,10 +1241,10 @@ def train(cfg, log=print):
                     dist.all_reduce(sums)                                # every rank sees the same loss and stop flag
                     dist.all_reduce(bad, op=dist.ReduceOp.MIN)
                     sums[:2] /= world
-                (loss_total, gnorm_total, stopping), bad = sums.tolist(), int(bad)
+                loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
                 if bad != NEVER:
                     last = os.path.join(out, "ckpt.pt")
-                    raise FloatingPointError(f"loss is not finite at step {bad}; stopped without writing a checkpoint"
+                    raise FloatingPointError(f"loss is not finite at step {bad:.0f}; stopped without writing a checkpoint"
                                              + (f"; the last good one is {last}" if os.path.exists(last) else ""))
                 if log_now:
                     now = time.time()

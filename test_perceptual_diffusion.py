@@ -1254,6 +1254,13 @@ def test_training_steps_between_log_steps_read_nothing_on_the_host(tmp_path, mon
         finally:
             counter.__enter__()
     monkeypatch.setattr(torch.optim.AdamW, "step", uncounted_step)
+    # .tolist() of a CPU tensor reads its memory without dispatching (on a GPU it copies to the host): count it here.
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(self):
+        counter.host_reads += counter in torch.utils._python_dispatch._get_current_dispatch_mode_stack()
+        return tolist(self)
+    monkeypatch.setattr(torch.Tensor, "tolist", counted_tolist)
     for loss, extra in (("mse", {}), ("self-perceptual", {"init": str(tmp_path / "mse" / "ckpt.pt")})):
         reads.clear()
         try:
