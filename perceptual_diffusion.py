@@ -350,10 +350,11 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
         real = perceptual_net.features(schedule.q_sample(x0, t_prime, eps), t_prime, y, features)
     pred = perceptual_net.features(schedule.q_sample(x0_hat, t_prime, eps_hat), t_prime, y, features)
     dist = {"mse": F.mse_loss, "mae": F.l1_loss}[distance]
-    # Each term the mean over the batch of per-sample means (the same number as dist's own mean); gated, the samples
-    # with t >= t_max count as 0.
-    mean = (lambda e: e.mean()) if t_max is None else (lambda e: (e.flatten(1).mean(1) * (t < t_max)).mean())
-    terms = [mean(dist(p.float(), r.float(), reduction="none")) for p, r in zip(pred, real)]
+    if t_max is None:
+        terms = [dist(p.float(), r.float()) for p, r in zip(pred, real)]
+    else:                                    # per-sample means, the samples with t >= t_max counted as 0
+        terms = [(dist(p.float(), r.float(), reduction="none").flatten(1).mean(1) * (t < t_max)).mean()
+                 for p, r in zip(pred, real)]
     if features == "all":
         terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12) for d, r in zip(terms, real)]
     loss = sum(terms) / len(terms)
@@ -372,16 +373,28 @@ def objective(loss, model, perceptual_net, schedule, **options):
     return lambda x0, y: loss_fn(model, schedule, x0, y)
 
 
-def balanced_lambda(model, perceptual_net, schedule, x0, y, **options):
-    """The stated rule of --sp-with-mse auto: lambda = |grad L_mse| / |grad L_sp| over the weights, on one batch
-    and the same (t, eps): the two terms start with gradients of equal norm. Returns the two norms (to be summed
-    over DDP ranks before their ratio is taken)."""
-    t, eps = draw_t_eps(schedule, x0)
+def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options):
+    """The stated rule of --sp-with-mse auto: lambda = mean |grad L_mse| / mean |grad L_sp| over the weights, each
+    term's gradient taken on the same batch and (t, eps), over the given (x0, y) batches (one draw of t is noisy:
+    the two terms start with gradients of equal norm on average). Under DDP each gradient is first averaged over
+    the ranks, so that its norm is the whole batch's. Returns (lambda, [the ratio on each batch])."""
     params = [p for p in model.parameters() if p.requires_grad]
-    norm = lambda l: torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
-                                zip(torch.autograd.grad(l, params, allow_unused=True), params)]).norm()
-    sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
-    return torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)])
+
+    def norm(loss):
+        g = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
+                       zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
+        if world > 1:
+            dist.all_reduce(g)
+            g /= world
+        return g.norm()
+    norms = []
+    for x0, y in batches:
+        t, eps = draw_t_eps(schedule, x0)
+        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
+        norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
+    norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
+    ratios = (norms[:, 0] / norms[:, 1]).tolist()
+    return (norms[:, 0].mean() / norms[:, 1].mean()).item(), ratios
 
 
 # =================================================================================================
@@ -734,13 +747,12 @@ FRACTION = ranged(float, lambda v: 0 < v <= 1, "a number in (0, 1]")
 
 
 def SP_LAMBDA(text):
-    """'' (no MSE term), 'auto', or a positive number; returned as the text."""
+    """'' (no MSE term), 'auto', or a positive number; returned as canonical text ('0.50' and 0.5 give '0.5'), so
+    that a config given in Python and the printed command that reruns it compare equal."""
     try:
-        if text not in ("", "auto"):
-            POS_FLOAT(text)
+        return text if text in ("", "auto") else str(POS_FLOAT(str(text)))
     except argparse.ArgumentTypeError:
         raise argparse.ArgumentTypeError(f"must be '', auto or a positive number, got {text!r}")
-    return text
 
 
 def best_device():
@@ -1019,6 +1031,7 @@ def learning_rate(cfg, step):
     return lr
 
 
+LAMBDA_BATCHES = 8           # --sp-with-mse auto: gradient norms averaged over the run's first 8 batches
 METRICS = "metrics.jsonl"    # every run folder: one JSON line per log step (step, loss, lr, img_s, grad_norm, seconds)
 STOP_EVERY = 10              # under DDP the ranks agree on a stop signal every this many steps (one host sync)
 DATA_TIMEOUT = datetime.timedelta(minutes=60)   # the process group's timeout: it covers rank 0's download of the data
@@ -1078,6 +1091,7 @@ def train(cfg, log=print):
     holds a checkpoint is continued (or, finished, left as it is) when it is the same run, else refused."""
     cfg = {**TRAIN_DEFAULTS, **cfg}
     check_config(cfg)
+    cfg["sp_with_mse"] = SP_LAMBDA(cfg["sp_with_mse"])
     rank, world, local_rank = distributed()
     device = torch.device(cfg["device"])
     if world > 1 and device.type == "cuda":
@@ -1086,10 +1100,21 @@ def train(cfg, log=print):
     master = rank == 0
     out = cfg["resume"] or cfg["out"]
 
+    if cfg["batch_size"] % world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
+
     # ---- state: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's --out) ----
     init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None  # a bad path fails first
-    ckpt, step = None, 0
-    if cfg["resume"] or os.path.isfile(os.path.join(out, "ckpt.pt")):
+    ckpt, step, path = None, 0, os.path.join(out, "ckpt.pt")
+    if world > 1:                          # every rank must decide alike: they read one --out, on a shared filesystem
+        seen = [None] * world
+        dist.all_gather_object(seen, os.path.getmtime(path) if os.path.isfile(path) else None)
+        if len(set(seen)) > 1:
+            raise UsageError(f"the ranks see different checkpoints in --out {out} (some none): put --out on a "
+                             "filesystem that every node shares")
+    if cfg["resume"] or os.path.isfile(path):
         ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
         cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
         if step == cfg["steps"]:                                   # finished: nothing is trained or written
@@ -1100,10 +1125,6 @@ def train(cfg, log=print):
                          "train_seconds": ckpt.get("train_seconds", 0.0),
                          "params": sum(p.numel() for p in ema.parameters()),
                          "config": ckpt["config"], "model": None, "origin": ckpt.get("origin"), "stopped": False}
-    if cfg["batch_size"] % world:
-        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
     writable_dir(out, "--resume" if cfg["resume"] else "--out")       # every rank, before any data is loaded or step taken
     # Rank 0 alone downloads or prepares the data, then the others read it: no race on one download folder.
     images, labels, class_names, flip_ok = rank0_first(world, lambda: load_dataset(
@@ -1142,16 +1163,15 @@ def train(cfg, log=print):
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"], images.device)
     if cfg["loss"] == "self-perceptual" and cfg["sp_with_mse"] and "sp_lambda_value" not in cfg:
         lam = cfg["sp_with_mse"]                                   # a number, or computed once here and stored
-        if lam == "auto":                                          # the first batch, without flips or label dropout
-            idx = batches.indices(0)
-            norms = balanced_lambda(model, perceptual_net, schedule, to_model_range(images[idx]).to(device),
-                                    labels[idx].to(device), **sp_options(cfg))
-            if world > 1:
-                dist.all_reduce(norms)
-            lam = (norms[0] / norms[1]).item()
+        if lam == "auto":                                          # the first batches, no flips or label dropout
+            torch.manual_seed(cfg["seed"] * 4096 + rank)
+            first = [(to_model_range(images[idx]).to(device), labels[idx].to(device))
+                     for idx in map(batches.indices, range(LAMBDA_BATCHES))]
+            lam, ratios = balanced_lambda(model, perceptual_net, schedule, first, world, **sp_options(cfg))
             if not 0 < lam < math.inf:
-                raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batch "
+                raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batches "
                                  f"(lambda {lam}): give LAMBDA as a number")
+            cfg["sp_lambda_ratios"] = ratios                       # its spread over the batches, recorded beside it
         cfg["sp_lambda_value"] = float(lam)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **sp_options(cfg))
     cfg["precision"] = resolve_precision(device, cfg["precision"])   # stored as run: "auto" means another thing elsewhere
@@ -1192,7 +1212,7 @@ def train(cfg, log=print):
     loss_sum, gnorm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
     model.train()
-    t0, t_log, start_step, log_step = time.time(), time.time(), step, step
+    t0, t_log, start_step, log_step, stopped = time.time(), time.time(), step, step, False
     tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
     if native_bf16(device):                                        # restored when training ends (evaluation is fp32)
         torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
@@ -1226,7 +1246,8 @@ def train(cfg, log=print):
                 torch._foreach_lerp_(ema_params, params, 1 - decay)
                 loss_sum += loss.detach().float()
                 gnorm_sum += gnorm
-                first_bad = torch.where(torch.isfinite(loss.detach()), first_bad, first_bad.clamp(max=step))
+                finite = torch.isfinite(loss.detach()) & torch.isfinite(gnorm)   # a NaN gradient poisons the weights
+                first_bad = torch.where(finite, first_bad, first_bad.clamp(max=step))
             step += 1
             log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
             write_now = step % cfg["ckpt_every"] == 0 and step < cfg["steps"] or step == cfg["guide_at"]
@@ -1244,7 +1265,8 @@ def train(cfg, log=print):
                 loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
                 if bad != NEVER:
                     last = os.path.join(out, "ckpt.pt")
-                    raise FloatingPointError(f"loss is not finite at step {bad:.0f}; stopped without writing a checkpoint"
+                    raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); "
+                                             f"stopped without writing a checkpoint"
                                              + (f"; the last good one is {last}" if os.path.exists(last) else ""))
                 if log_now:
                     now = time.time()
@@ -1270,7 +1292,8 @@ def train(cfg, log=print):
             if master and step == cfg["guide_at"]:                 # the weaker model that autoguidance guides with
                 save_checkpoint(os.path.join(out, "guide.pt"), {"config": cfg, "step": step, "ema": ema.state_dict(),
                                                                  "model": ema.state_dict(), "total_steps": step})
-            if stopping:
+            if stopping:                                           # every rank agreed on the signal
+                stopped = True
                 break
         checkpoint()
     finally:
@@ -1279,11 +1302,11 @@ def train(cfg, log=print):
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
         if metrics is not None:
             metrics.close()
-    if stop["signal"] is not None and master:
+    if stopped and master:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written: run the same command again "
             f"to continue (or --resume {out})")
     return ema, {"steps": step, "total_steps": steps_before + step, "train_seconds": seconds_before + time.time() - t0,
-                 "params": n_params, "config": cfg, "model": model, "origin": origin, "stopped": stop["signal"] is not None}
+                 "params": n_params, "config": cfg, "model": model, "origin": origin, "stopped": stopped}
 
 
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,

@@ -559,6 +559,7 @@ def evaluate_model(model, schedule, ruler, n, steps, cfg_scale=1.0, cfg_rescale=
                     cfg_interval, guide)
     seconds = time.time() - t0
     res, boot = ruler.measure(x, y if label is None else None, resamples, seed)
+    res["non_finite_samples"] = int((~torch.isfinite(x.flatten(1))).any(1).sum())   # as saved they would read 0
     res.update(samples=n, sampler="DDIM", steps=steps, eta=eta, spacing=spacing, cfg_scale=cfg_scale,
                cfg_rescale=cfg_rescale, seed=seed, sample_seconds=round(seconds, 1), bootstrap_resamples=resamples,
                guidance="auto" if guide is not None and cfg_scale != 1 else "cfg" if cfg_scale != 1 else "none",
@@ -816,7 +817,8 @@ def loss_curves_picture(folders, path):
         axes[1, col].set_title("gradient norm before clipping")
         for ax in axes[:, col]:
             ax.set_xlabel("step of the stage")
-            ax.set_yscale("log")
+            if ax.lines and all(min(line.get_ydata()) > 0 for line in ax.lines):   # t' = t's loss is exactly 0
+                ax.set_yscale("log")
             if ax.lines:
                 ax.legend(fontsize=7)
     fig.tight_layout()
@@ -1185,18 +1187,20 @@ def pretrain(out="runs/pretrain", dest=PRETRAINED_DIR, device="cpu", log=print):
     return card
 
 
-def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, ablations=False, **overrides):
+def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, ablations=False, stage1_root=None,
+                    **overrides):
     """The comparison as a claim about the method: the whole pipeline once per training seed, each in out/seedS
     (a finished seed is reused, an interrupted one resumed), then verdicts pooled over the seeds (pooled_verdicts).
     stage2_seeds = J > 0 adds J runs that share seed 0's stage 1 (out/seed0) with their own stage-2, control and
     sampling seeds (1000 + j, or above the largest training seed), so that the spread between seeds splits into its sources (variance_sources).
-    Writes pooled.md and pooled.json under `out`."""
+    stage1_root: where each seed's stage 1 lives (stage1_root/seedS; default: in its own folder), so that runs that
+    differ only after stage 1 (the length sweep) share it. Writes pooled.md and pooled.json under `out`."""
     shipped = preset_settings(preset, overrides)["stage1"] == "shipped"
     if shipped and stage2_seeds:
         raise UsageError("--stage2-seeds: with the shipped stage 1 every seed already shares one stage 1 (add "
                          "--stage1 train to split the spread between stage-1 and stage-2 seeds)")
     writable_dir(out, "--out")
-    runs, results = seed_runs(out, seeds, stage2_seeds), {}
+    runs, results = seed_runs(out, seeds, stage2_seeds, stage1_root), {}
     for name, seed, stage1_out, stage1_seed in runs:
         sub = os.path.join(out, name)
         prior = finished_result(sub, preset, seed, overrides, ablations)
@@ -1222,14 +1226,15 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
 
 def reproduce_lengths(preset, out, lengths, seeds, device=None, log=print, ablations=False, **overrides):
     """The stage-2 length sweep: reproduce_seeds once per stage-2 length (the self-perceptual stage and its control
-    alike), each in out/stepsL; then lengths.md, lengths.json and stage2_length.png (length_summary)."""
+    alike), each in out/stepsL, every length fine-tuning the same stage 1 of each seed (out/stage1/seedS, trained
+    once where the preset trains one); then lengths.md, lengths.json and stage2_length.png (length_summary)."""
     writable_dir(out, "--out")
     per = {}
     for steps in lengths:
         log(f"=== stage-2 length {steps} ({lengths.index(steps) + 1} of {len(lengths)}) ===")
         per[steps] = reproduce_seeds(preset, os.path.join(out, f"steps{steps}"), seeds, 0, device,
                                      lambda s, L=steps: log(f"[steps{L}] {s}"), ablations,
-                                     **{**overrides, "stage2_steps": steps})
+                                     stage1_root=os.path.join(out, "stage1"), **{**overrides, "stage2_steps": steps})
     summary = length_summary(per)
     length_picture(summary, os.path.join(out, "stage2_length.png"))
     write_outputs(out, {"lengths.json": json.dumps(summary, indent=1), "lengths.md": lengths_markdown(summary)}, log)
@@ -1242,9 +1247,11 @@ LENGTH_METRICS = ["fd", "precision", "recall", "coverage"]
 
 def length_summary(per):
     """{stage-2 steps: pooled} -> per length, the pooled verdicts 4 - 2 and 4 - 1 and rows 2 and 4 (mean and interval
-    over seeds) on LENGTH_METRICS; and per primary measure whether the 4 - 2 curve has settled: at the two longest
-    lengths each mean difference lies inside the other length's interval (with one length, or an interval missing:
-    not known)."""
+    over seeds) on LENGTH_METRICS; and per primary measure whether the 4 - 2 curve has settled, from the seeds that
+    ran both of the two longest lengths, paired: the change of each seed's 4 - 2 difference from the shorter to the
+    longer length, with its 95% t interval. Settled: the interval holds 0 (no change detected; changes as large as
+    its ends are not excluded, and are stated); still moving: it excludes 0; not known: fewer than two lengths or
+    two common seeds."""
     lengths = sorted(per)
     out = {"lengths": lengths, "seeds": {L: per[L]["seeds"] for L in lengths}, "per_length": {}, "settled": {}}
     for L in lengths:
@@ -1255,13 +1262,21 @@ def length_summary(per):
                                       for m in LENGTH_METRICS if m in v[a, b]} for a, b in ((4, 2), (4, 1))},
             "rows": {r: {m: {k: rows[r][m][k] for k in ("mean", "ci")} for m in LENGTH_METRICS} for r in (2, 4)}}
     for m in PRIMARY:
+        out["settled"][m] = None
         if len(lengths) < 2:
-            out["settled"][m] = None
             continue
-        a, b = (out["per_length"][L]["verdicts"]["4-2"][m] for L in lengths[-2:])
-        inside = lambda x, e: e["ci"] is not None and e["ci"][0] <= x["diff"] <= e["ci"][1]
-        out["settled"][m] = None if a["ci"] is None or b["ci"] is None else inside(a, b) and inside(b, a)
+        short, long_ = ({s: d for s, d in zip(per[L]["seeds"], per_seed(per[L], m))} for L in lengths[-2:])
+        common = sorted(set(short) & set(long_))
+        mean, ci = pooled_interval([long_[s] - short[s] for s in common])
+        if ci is not None:
+            out["settled"][m] = {"settled": not excludes_zero(ci), "change": mean, "ci": ci, "seeds": common,
+                                 "from": lengths[-2], "to": lengths[-1]}
     return out
+
+
+def per_seed(pooled, m):
+    """The per-seed 4 - 2 differences of metric m in a pooled result."""
+    return next(v for v in pooled["verdicts"] if (v["a"], v["b"]) == (4, 2))[m]["per_seed"]
 
 
 def lengths_markdown(summary):
@@ -1283,10 +1298,18 @@ def lengths_markdown(summary):
         for r, ms in summary["per_length"][L]["rows"].items():
             lines.append(f"| {L} | {r} | " + " | ".join(f"{ms[m]['mean']:.3f} {fmt_ci(ms[m]['ci']) if ms[m]['ci'] else ''}"
                                                        for m in LENGTH_METRICS) + " |")
-    word = {True: "settled (each of the two longest lengths' 4 - 2 means lies inside the other's interval)",
-            False: "NOT settled (the two longest lengths' 4 - 2 differences disagree beyond their intervals)",
-            None: "not known (fewer than two lengths, or an interval missing)"}
-    lines += [""] + [f"{names[m]}: {word[s]}." for m, s in summary["settled"].items()]
+    for m, s in summary["settled"].items():
+        lines.append("" if m == PRIMARY[0] else None)
+        if s is None:
+            lines.append(f"{names[m]}: whether the 4 - 2 difference has settled is not known (fewer than two lengths "
+                         "or two seeds common to the two longest).")
+            continue
+        change = (f"its change from {s['from']} to {s['to']} steps, paired over seeds {s['seeds']}, is "
+                  f"{s['change']:+.4f} {fmt_ci(s['ci'])}")
+        lines.append(f"{names[m]}: " + (f"settled: {change}, which holds 0 (no change detected; changes up to "
+                                        f"{max(abs(v) for v in s['ci']):.4f} are not excluded)." if s["settled"]
+                                        else f"NOT settled: {change}, which excludes 0 (the 4 - 2 difference still moves)."))
+    lines = [line for line in lines if line is not None]
     return "\n".join(lines) + "\n"
 
 
@@ -1313,13 +1336,13 @@ def length_picture(summary, path):
     plt.close(fig)
 
 
-def seed_runs(out, seeds, stage2_seeds):
+def seed_runs(out, seeds, stage2_seeds, stage1_root=None):
     """(folder name, seed, stage-1 folder, stage-1 seed) of each run of reproduce_seeds: one full pipeline per
-    training seed, then J runs on the first seed's stage 1 whose seeds never repeat a training seed."""
-    first = max([999, *seeds]) + 1
-    return [(f"seed{s}", s, None, None) for s in seeds] + [
-        (f"seed{seeds[0]}-stage2-{first + j}", first + j, os.path.join(out, f"seed{seeds[0]}"), seeds[0])
-        for j in range(stage2_seeds)]
+    training seed (its stage 1 under stage1_root/seedS where given), then J runs on the first seed's stage 1 whose
+    seeds never repeat a training seed."""
+    first, home = max([999, *seeds]) + 1, lambda s: os.path.join(stage1_root or out, f"seed{s}")
+    return [(f"seed{s}", s, home(s) if stage1_root else None, s if stage1_root else None) for s in seeds] + [
+        (f"seed{seeds[0]}-stage2-{first + j}", first + j, home(seeds[0]), seeds[0]) for j in range(stage2_seeds)]
 
 
 def finished_result(sub, preset, seed, overrides, ablations=False):
@@ -1436,8 +1459,10 @@ def variance_sources(a, b):
 
 HELPS_RULE = ("a variant helps only if its pooled interval against the fair control (row 2) excludes 0 in its favour "
               "on a primary measure named in advance (the first ruler's Frechet distance or precision), that verdict "
-              "held in at least 4 of every 5 seeds, and neither recall nor coverage is pooled worse than the "
-              "control's; every other result is reported as measured")
+              "held in at least 4 of every 5 seeds, and neither recall nor coverage is significantly worse than the "
+              "control's (its pooled interval does not exclude 0 against the variant); every other result is "
+              "reported as measured. Four variants and two primary measures are judged without a correction for "
+              "multiplicity: a single 'helps' is a lead to test again, not a finding")
 PRIMARY = ["fd", "precision"]
 
 
@@ -1741,7 +1766,7 @@ def unit_flops(p):
             "guided": 2 * fl["forward"]}
 
 
-def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides):
+def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, shared_stage1=False, **overrides):
     """The cost of `reproduce --preset`, part by part: its FLOPs, counted (count_flops, work), and its time:
     measured from a few timed steps of each objective and of sampling on `device` (random data of the preset's
     shape: nothing is downloaded or trained), except for a GPU preset on a CPU, whose full-size steps would take
@@ -1758,6 +1783,8 @@ def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides)
     else:
         sec = {k: v / ASSUMED_FLOP_S for k, v in flop.items()}
     parts = [(name, n * flop[kind], n * sec[kind]) for name, n, kind in work(p)]
+    if shared_stage1:                                              # a later length of the sweep: stage 1 is shared
+        parts[0] = ("stage 1: shared with the first length, counted there", 0.0, 0.0)
     if runs > 1 or stage2_runs:
         scale = lambda i: runs + (stage2_runs if i > 0 else 0)
         parts = [(name, f * scale(i), s * scale(i)) for i, (name, f, s) in enumerate(parts)]
@@ -1779,7 +1806,7 @@ def estimate(preset, device=None, log=print, runs=1, stage2_runs=0, **overrides)
             "total_seconds": total, "total_flops": total_flop, "timed": timed, "per_image_flops": fl}
 
 
-GPUCHECK_PATHS = ["bench_fp32", "bench_bf16", "compile_bf16", "train_loop", "stages_and_evaluation", "kill_and_rerun",
+GPUCHECK_PATHS = ["bench_fp32", "bench_bf16", "compile", "train_loop", "stages_and_evaluation", "kill_and_rerun",
                   "ddp_2_ranks", "standard_fid"]   # every path gpucheck rehearses; its JSON names each
 
 
@@ -1833,9 +1860,9 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
     clipping, logging) whose img/s projects each GPU preset's hours; a tiny reproduce (stage 1 MSE, stage 2
     self-perceptual with its frozen copy, the control, the evaluation with every ruler on the device); a stage
     killed with SIGKILL and launched again with its printed torchrun command (it continues from its checkpoint, then
-    a third launch leaves the finished run untouched); DDP on 2 ranks (NCCL with 2 GPUs, gloo on a CPU; one GPU:
-    not exercised); standard FID with the real pytorch-fid network where its weights are already on disk (nothing
-    downloads them). Writes one JSON: the figures, and `paths` with each path "ok", "not exercised: why" or
+    a third launch leaves the finished run untouched); a self-perceptual stage with --sp-with-mse auto on 2 ranks
+    (NCCL with 2 GPUs, gloo on a CPU; one GPU: not exercised); standard FID and the paired rulers in the real
+    pytorch-fid network's features where its weights are already on disk (nothing downloads them). Writes one JSON: the figures, and `paths` with each path "ok", "not exercised: why" or
     "FAILED: the error"; returns the failures."""
     import tempfile
     dev = torch.device(device)
@@ -1855,6 +1882,7 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
         t0 = time.time()
         try:
             figures[name] = fn()
+            figures.setdefault("seconds", {})[name] = round(time.time() - t0, 1)
             paths[name] = "ok"
             log(f"{name}: {json.dumps(figures[name])} ({time.time() - t0:.0f} s)")
         except Exception as e:
@@ -1868,9 +1896,8 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
     bf16 = dev.type == "cpu" or native_bf16(dev)                  # a CPU emulates it; an older GPU would only emulate
     part("bench_fp32", lambda: speeds(precision="fp32"))
     part("bench_bf16", lambda: speeds(precision="bf16"), None if bf16 else "this GPU has no native bf16")
-    part("compile_bf16", lambda: speeds(precision="bf16" if bf16 else "fp32", compile=True))
+    part("compile", lambda: speeds(precision="bf16" if bf16 else "fp32", compile=True))
     with tempfile.TemporaryDirectory() as tmp:
-        flags = [f"--{k.replace('_', '-')}={v}" for k, v in cfg.items()] + ["--sample-every", "0"]
 
         def train_loop():
             steps = 12 if tiny else 200
@@ -1881,10 +1908,13 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
             return {"train_img_s_mse": last["img_s"], "steps": steps, "with": "EMA, clipping, logging"}
         part("train_loop", train_loop)
 
-        def stages():
+        def stages():                              # in bf16 where the GPU has it, as the cifar10 presets train
             more = {} if tiny else dict(stage1_steps=48, stage2_steps=24)
-            res = reproduce("smoke", os.path.join(tmp, "r"), device, log=lambda s: None, **more)
-            return {"minutes": res["wall_seconds"] / 60, "rulers_on": res["device"], "rows": len(res["rows"])}
+            precision = "bf16" if dev.type == "cuda" and bf16 else "fp32"
+            res = reproduce("smoke", os.path.join(tmp, "r"), device, log=lambda s: None, train={"precision": precision},
+                            **more)
+            return {"minutes": res["wall_seconds"] / 60, "rulers_on": res["device"], "rows": len(res["rows"]),
+                    "precision": precision}
         part("stages_and_evaluation", stages)
 
         def kill_and_rerun():
@@ -1908,22 +1938,31 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
             return {"killed_at_checkpoint": at, "ranks": nproc, "continued_and_finished": steps, "third_launch": "untouched"}
         part("kill_and_rerun", kill_and_rerun)
 
-        def ddp():
-            t0 = time.time()
-            code, stdout, err = launch(["train", *flags, "--steps", "4", "--out", os.path.join(tmp, "ddp")], 2)
-            if code or "2 rank(s)" not in stdout:
+        def ddp():    # a stage 2 on 2 ranks: the frozen copy, the lambda's all-reduce, a stop poll (step 10)
+            init = os.path.join(tmp, "r", "mse", "ckpt.pt")
+            if not os.path.isfile(init):
+                raise RuntimeError("it fine-tunes the stage 1 of stages_and_evaluation, which did not finish")
+            c = {**TRAIN_DEFAULTS, **load_checkpoint(init)["config"]}
+            stage = {**c, "loss": "self-perceptual", "init": init, "steps": 12, "sp_with_mse": "auto", "batch_size": 8,
+                     "log_every": 4, "sample_every": 0, "out": os.path.join(tmp, "ddp"), "device": device}
+            code, stdout, err = launch(["train", *shlex.split(train_flags(stage, {"resume"}))], 2)
+            if code or "2 rank(s)" not in stdout or "step 12/12" not in stdout:
                 raise RuntimeError((err.strip().splitlines() or ["no output"])[-1])
-            return {"seconds": time.time() - t0, "backend": "nccl" if dev.type == "cuda" else "gloo", "ranks": 2}
+            lam = load_checkpoint(os.path.join(tmp, "ddp", "ckpt.pt"))["config"]["sp_lambda_value"]
+            return {"backend": "nccl" if dev.type == "cuda" else "gloo", "ranks": 2, "stage": "self-perceptual, "
+                    "--sp-with-mse auto", "sp_lambda_value": lam}
         part("ddp_2_ranks", ddp, None if dev.type == "cpu" or gpus >= 2 else
              f"multi-rank NCCL not exercised: {gpus} GPU here (the 1-rank launch above ran)")
 
         weights = os.path.join(torch.hub.get_dir(), "checkpoints", "pt_inception-2015-12-05-6726825d.pth")
 
-        def fid():
+        def fid():    # the real network: standard FID, and the paired rulers in its 2048-d features
             ruler = Ruler("fid", "shapes", os.path.join(tmp, "data"), 32, 0, 500, dev, log=lambda s: None)
             model = UNet(**model_kwargs({**TRAIN_DEFAULTS, **cfg, "num_classes": 10})).to(dev).eval()
-            n = 200 if tiny else 2000
-            return {"fid_untrained_model": standard_fid(model, schedule_from(TRAIN_DEFAULTS), ruler, n, 4), "samples": n}
+            n, schedule = 200 if tiny else 2000, schedule_from(TRAIN_DEFAULTS)
+            res, _ = evaluate_model(model, schedule, ruler, 200, 4, resamples=20)
+            return {"fid_untrained_model": standard_fid(model, schedule, ruler, n, 4), "samples": n,
+                    "paired_fd_2048d": res["fd"], "kid": res["kid"], "precision": res["precision"]}
         part("standard_fid", fid, None if importlib.util.find_spec("pytorch_fid") and os.path.isfile(weights) else
              f"pytorch-fid or its weights ({weights}) are not here, and nothing downloads them in this check")
     figures["peak_memory_gb"] = torch.cuda.max_memory_allocated(dev) / 2 ** 30 if dev.type == "cuda" else None
@@ -2099,9 +2138,10 @@ def run_reproduce(args):
         if args.print_commands or args.stage2_seeds:
             raise UsageError("a list of --stage2-steps runs the length sweep: give one length with "
                              f"{'--print-commands' if args.print_commands else '--stage2-seeds'}")
-        for steps in lengths:
+        for i, steps in enumerate(lengths):
             if args.estimate:
-                estimate(args.preset, args.device, runs=len(args.seeds or [0]), **{**overrides, "stage2_steps": steps})
+                estimate(args.preset, args.device, runs=len(args.seeds or [0]), shared_stage1=i > 0,
+                         **{**overrides, "stage2_steps": steps})
         if not args.estimate:
             reproduce_lengths(args.preset, args.out, lengths, args.seeds or [0], args.device, ablations=args.ablations,
                               **overrides)

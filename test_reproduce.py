@@ -624,9 +624,10 @@ def test_gpu_check_rehearses_every_path_on_the_cpu_in_tiny_mode_and_its_json_nam
     assert set(figures["paths"]) == set(rp.GPUCHECK_PATHS) and figures["failures"] == {}
     assert all(figures["paths"][k] == "ok" for k in rp.GPUCHECK_PATHS if k != "standard_fid")
     assert figures["paths"]["standard_fid"].startswith("not exercised: pytorch-fid")   # no weights on this machine
-    for part in ("bench_fp32", "bench_bf16", "compile_bf16"):
+    for part in ("bench_fp32", "bench_bf16", "compile"):
         assert figures[part]["train_img_s_mse"] > 0 and figures[part]["guided_step_ratio"] > 0
     assert figures["ddp_2_ranks"]["backend"] == "gloo" and figures["ddp_2_ranks"]["ranks"] == 2
+    assert figures["ddp_2_ranks"]["sp_lambda_value"] > 0 and set(figures["seconds"]) == set(rp.GPUCHECK_PATHS) - {"standard_fid"}
     kill = figures["kill_and_rerun"]
     assert kill["killed_at_checkpoint"] % 5 == 0 and 5 <= kill["killed_at_checkpoint"] < 60
     assert figures["stages_and_evaluation"]["rows"] == len(rp.ROWS) and figures["train_loop"]["train_img_s_mse"] > 0
@@ -656,7 +657,8 @@ def test_gpu_check_reports_every_failing_path_and_exits_non_zero(tmp_path, monke
     assert rp.main(["gpucheck", "--device", "cpu", "--tiny", "--out", str(tmp_path / "g.json")]) == 1
     figures = json.loads((tmp_path / "g.json").read_text())
     assert set(figures["failures"]) == set(rp.GPUCHECK_PATHS) - {"standard_fid"}
-    assert figures["failures"]["ddp_2_ranks"] == "RuntimeError: NCCL error" and "illegal memory" in figures["failures"]["bench_fp32"]
+    assert "illegal memory" in figures["failures"]["bench_fp32"] and "stages_and_evaluation" in figures["failures"]["ddp_2_ranks"]
+    assert "checkpoint" in figures["failures"]["kill_and_rerun"]                  # the launch made none
     assert all(figures["paths"][k].startswith("FAILED") for k in figures["failures"])
 
 
@@ -1102,20 +1104,27 @@ def test_a_variant_helps_only_by_the_rule_stated_in_advance(fd, precision, recal
     assert j["key"] == "lpl-gated" and j["helps"] is helps
 
 
-def fake_pooled(seeds, diffs):
-    """A pooled result whose 4 - 2 and 4 - 1 verdicts have the given (mean, ci) on every LENGTH_METRICS metric."""
+def fake_pooled(seeds, per_seed):
+    """A pooled result whose 4 - 2 and 4 - 1 verdicts have these per-seed differences on every LENGTH_METRICS metric."""
     rows = [{"row": r, **{m: {"mean": 1.0, "ci": [0.9, 1.1]} for m in rp.LENGTH_METRICS}} for r in (1, 2, 4)]
-    verdicts = [pooled_verdict(4, b, {m: (*diffs, 2) for m in rp.LENGTH_METRICS}) for b in (2, 1)]
+    mean, ci = rp.pooled_interval(per_seed)
+    verdicts = [pooled_verdict(4, b, {m: (mean, ci, 2) for m in rp.LENGTH_METRICS}) for b in (2, 1)]
+    for v in verdicts:
+        for m in rp.LENGTH_METRICS:
+            v[m]["per_seed"] = list(per_seed)
     return {"seeds": seeds, "verdicts": verdicts, "rows": rows}
 
 
-def test_the_length_sweep_calls_the_curve_settled_only_where_the_two_longest_lengths_agree(tmp_path):
-    agree = rp.length_summary({600: fake_pooled([0, 1, 2], (0.5, [0.2, 0.8])),
-                               2500: fake_pooled([0, 1, 2], (0.3, [0.1, 0.5])), 10000: fake_pooled([0, 1, 2], (0.35, [0.2, 0.5]))})
-    assert agree["settled"] == {"fd": True, "precision": True} and agree["lengths"] == [600, 2500, 10000]
-    drift = rp.length_summary({600: fake_pooled([0, 1, 2], (0.1, [0.0, 0.2])), 2500: fake_pooled([0, 1, 2], (0.6, [0.5, 0.7]))})
-    assert drift["settled"] == {"fd": False, "precision": False}
+def test_the_length_sweep_calls_the_curve_settled_only_where_the_paired_change_between_the_longest_holds_zero(tmp_path):
+    agree = rp.length_summary({600: fake_pooled([0, 1, 2], [0.9, 0.1, 0.5]), 2500: fake_pooled([0, 1, 2], [0.3, 0.2, 0.4]),
+                               10000: fake_pooled([0, 1, 2], [0.35, 0.1, 0.5])})           # changes +0.05, -0.1, +0.1
+    assert [agree["settled"][m]["settled"] for m in rp.PRIMARY] == [True, True] and agree["lengths"] == [600, 2500, 10000]
+    assert agree["settled"]["fd"]["change"] == pytest.approx(0.05 / 3) and agree["settled"]["fd"]["from"] == 2500
+    # every seed moved by about +0.5 (paired): still moving, although the two lengths' own intervals overlap
+    drift = rp.length_summary({600: fake_pooled([0, 1, 2], [0.1, -0.4, 0.6]), 2500: fake_pooled([0, 1, 2], [0.6, 0.15, 1.05])})
+    assert [drift["settled"][m]["settled"] for m in rp.PRIMARY] == [False, False]
     assert "NOT settled" in rp.lengths_markdown(drift) and "| 2500 | 3 | 4 - 2 |" in rp.lengths_markdown(drift)
+    assert rp.length_summary({600: fake_pooled([0, 1], [0.1, 0.2])})["settled"] == {"fd": None, "precision": None}
     rp.length_picture(agree, str(tmp_path / "len.png"))
     from PIL import Image
     assert Image.open(tmp_path / "len.png").size[0] > 600
@@ -1123,8 +1132,20 @@ def test_the_length_sweep_calls_the_curve_settled_only_where_the_two_longest_len
 
 def test_a_list_of_stage_2_lengths_runs_the_sweep_each_length_in_its_folder(tmp_path, monkeypatch):
     calls = []
-    monkeypatch.setattr(rp, "reproduce_seeds", lambda preset, out, seeds, *a, **kw: calls.append((out, seeds, kw["stage2_steps"]))
-                        or fake_pooled(seeds, (0.1, [0.0, 0.2])))
+    monkeypatch.setattr(rp, "reproduce_seeds", lambda preset, out, seeds, *a, **kw: calls.append(
+        (out, seeds, kw["stage2_steps"], kw["stage1_root"])) or fake_pooled(seeds, [0.1, 0.2]))
     assert rp.main(["reproduce", "--stage2-steps", "2500,600", "--seeds", "2", "--out", str(tmp_path / "L")]) == 0
-    assert calls == [(str(tmp_path / "L" / "steps600"), [0, 1], 600), (str(tmp_path / "L" / "steps2500"), [0, 1], 2500)]
+    shared = str(tmp_path / "L" / "stage1")                                       # one stage 1 per seed, every length
+    assert calls == [(str(tmp_path / "L" / "steps600"), [0, 1], 600, shared),
+                     (str(tmp_path / "L" / "steps2500"), [0, 1], 2500, shared)]
     assert (tmp_path / "L" / "lengths.md").exists() and (tmp_path / "L" / "stage2_length.png").exists()
+
+
+def test_the_length_sweep_trains_each_seeds_stage_1_once_for_every_length(tmp_path):
+    logs = []
+    summary = rp.reproduce_lengths("smoke", str(tmp_path / "L"), [1, 2], [0], device="cpu", log=logs.append)
+    stage1 = tmp_path / "L" / "stage1" / "seed0" / "mse"
+    assert (stage1 / "ckpt.pt").exists() and not (tmp_path / "L" / "steps1" / "seed0" / "mse").exists()
+    assert sum(line.startswith("[steps1]") and "[mse] mse on shapes" in line for line in logs) == 1   # trained once
+    assert sum(line.startswith("[steps2]") and f"reusing the finished run in {stage1}" in line for line in logs) == 1
+    assert summary["lengths"] == [1, 2] and (tmp_path / "L" / "lengths.md").exists()
