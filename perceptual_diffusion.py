@@ -393,7 +393,7 @@ def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options
         sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
         norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
     norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
-    ratios = (norms[:, 0] / norms[:, 1]).tolist()
+    ratios = [r if math.isfinite(r) else None for r in (norms[:, 0] / norms[:, 1]).tolist()]   # None: no L_sp grad
     return (norms[:, 0].mean() / norms[:, 1].mean()).item(), ratios
 
 
@@ -818,7 +818,8 @@ TRAIN_ARGS = [
     ("sp_t_max", 1.0, FRACTION, "the self-perceptual term only at training steps t < FRAC T (1: every t)"),
     ("sp_t_prime_max", 1.0, FRACTION, "t' drawn from 0..FRAC T - 1 (1: uniform over every t)"),
     ("sp_with_mse", "", SP_LAMBDA, "keep the v-MSE term: L = L_mse + LAMBDA L_sp, LAMBDA a number or auto (equal "
-     "gradient norms of the two terms on the first batch, computed once; stored as sp_lambda_value); '': no MSE term"),
+     "mean gradient norms of the two terms over the first 8 batches, computed once; stored as sp_lambda_value); '': "
+     "no MSE term"),
     ("steps", 1000, POS_INT, "total training steps"),
     ("batch_size", 64, POS_INT, "global batch size (split over DDP ranks)"),
     ("lr", 1e-3, POS_FLOAT, "AdamW learning rate after warm-up"),
@@ -1045,6 +1046,7 @@ def continued_run(cfg, ckpt, out, init):
     if not {"model", "optimizer", "step"} <= ckpt.keys():
         raise UsageError(f"{out}/ckpt.pt has no optimizer state or step: it cannot be continued; give a new --out")
     saved = {**TRAIN_DEFAULTS, **ckpt["config"]}                   # older runs lack newer keys
+    saved["sp_with_mse"] = SP_LAMBDA(saved["sp_with_mse"])         # as train stores it now ('1' -> '1.0')
     if cfg["resume"]:
         changed = sorted(k for k, v in cfg.items() if k not in RESUMABLE_KEYS | {"out"} and v != TRAIN_DEFAULTS[k]
                          and v != saved.get(k))
@@ -1106,16 +1108,23 @@ def train(cfg, log=print):
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
 
     # ---- state: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's --out) ----
-    init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None  # a bad path fails first
-    ckpt, step, path = None, 0, os.path.join(out, "ckpt.pt")
-    if world > 1:                          # every rank must decide alike: they read one --out, on a shared filesystem
+    step, path = 0, os.path.join(out, "ckpt.pt")
+    init, ckpt, error = None, None, None
+    try:                                                           # a bad path fails here, before any work
+        init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
+        ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
+    except UsageError as e:
+        error = str(e)
+    if world > 1:          # every rank must decide alike: they read one --init and --out, on a shared filesystem
         seen = [None] * world
-        dist.all_gather_object(seen, os.path.getmtime(path) if os.path.isfile(path) else None)
-        if len(set(seen)) > 1:
-            raise UsageError(f"the ranks see different checkpoints in --out {out} (some none): put --out on a "
-                             "filesystem that every node shares")
-    if cfg["resume"] or os.path.isfile(path):
-        ckpt = load_checkpoint(os.path.join(out, "ckpt.pt"))
+        dist.all_gather_object(seen, error or (init and init["step"], ckpt and (ckpt["step"], os.path.getsize(path))))
+        error = error or next((v for v in seen if isinstance(v, str)), None)
+        if not error and len(set(seen)) > 1:
+            error = (f"the ranks see different files in --init or --out {out}: put them on a filesystem that every "
+                     "node shares")
+    if error:
+        raise UsageError(error)
+    if ckpt is not None:
         cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
         if step == cfg["steps"]:                                   # finished: nothing is trained or written
             if master:

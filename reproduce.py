@@ -1269,7 +1269,8 @@ def length_summary(per):
         common = sorted(set(short) & set(long_))
         mean, ci = pooled_interval([long_[s] - short[s] for s in common])
         if ci is not None:
-            out["settled"][m] = {"settled": not excludes_zero(ci), "change": mean, "ci": ci, "seeds": common,
+            out["settled"][m] = None if not informative(ci) else {  # a zero-width or NaN interval decides nothing
+                                 "settled": not excludes_zero(ci), "change": mean, "ci": ci, "seeds": common,
                                  "from": lengths[-2], "to": lengths[-1]}
     return out
 
@@ -1957,7 +1958,7 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
         weights = os.path.join(torch.hub.get_dir(), "checkpoints", "pt_inception-2015-12-05-6726825d.pth")
 
         def fid():    # the real network: standard FID, and the paired rulers in its 2048-d features
-            ruler = Ruler("fid", "shapes", os.path.join(tmp, "data"), 32, 0, 500, dev, log=lambda s: None)
+            ruler = Ruler("fid", "shapes", os.path.join(tmp, "data"), cfg["image_size"], 0, 500, dev, log=lambda s: None)
             model = UNet(**model_kwargs({**TRAIN_DEFAULTS, **cfg, "num_classes": 10})).to(dev).eval()
             n, schedule = 200 if tiny else 2000, schedule_from(TRAIN_DEFAULTS)
             res, _ = evaluate_model(model, schedule, ruler, 200, 4, resamples=20)

@@ -978,11 +978,14 @@ def test_ddp_two_cpu_ranks_end_with_identical_weights_and_one_checkpoint(tmp_pat
     assert ckpt["step"] == 3 and torch.equal(params[0], torch.cat([p.flatten() for p in model.parameters()]))
 
 
-def _ddp_main_worker(rank, world, port, argv, report):
+def _ddp_main_worker(rank, world, port, argv, report, hidden_on_rank_1=""):
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     import contextlib
     import io
+    if rank == 1 and hidden_on_rank_1:                      # as if rank 1 were a node without that file
+        isfile = os.path.isfile
+        pd.os.path.isfile = lambda p: isfile(p) and os.path.abspath(p) != hidden_on_rank_1
     err = io.StringIO()
     with contextlib.redirect_stderr(err):
         code = pd.main(argv)
@@ -990,7 +993,8 @@ def _ddp_main_worker(rank, world, port, argv, report):
         json.dump({"code": code, "stderr": err.getvalue()}, f)
 
 
-@pytest.mark.parametrize("problem", ["unwritable --out", "missing --data"])
+@pytest.mark.parametrize("problem", ["unwritable --out", "missing --data", "--init missing on one rank",
+                                     "--out checkpoint missing on one rank"])
 def test_ddp_ranks_all_exit_with_one_line_when_the_output_or_the_data_is_bad(problem, tmp_path):
     import socket
     import torch.multiprocessing as mp
@@ -998,11 +1002,18 @@ def test_ddp_ranks_all_exit_with_one_line_when_the_output_or_the_data_is_bad(pro
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     (tmp_path / "a_file").write_text("x")
-    bad = ["--out", str(tmp_path / "a_file" / "run")] if problem == "unwritable --out" else \
-          ["--out", str(tmp_path / "run"), "--data", str(tmp_path / "no_such_folder")]
-    argv = ["train", "--steps", "1", "--batch-size", "2", "--image-size", "8", "--channels", "8", *bad]
-    ctx = mp.start_processes(_ddp_main_worker, args=(2, port, argv, str(tmp_path / "report")), nprocs=2, join=False,
-                             start_method="spawn")
+    small = ["--batch-size", "2", "--image-size", "8", "--channels", "8", "--device", "cpu"]
+    bad, hidden = {"unwritable --out": (["--out", str(tmp_path / "a_file" / "run")], ""),
+                   "missing --data": (["--out", str(tmp_path / "run"), "--data", str(tmp_path / "no_such_folder")], ""),
+                   "--init missing on one rank": (["--out", str(tmp_path / "sp"), "--loss", "self-perceptual",
+                                                   "--init", str(tmp_path / "run" / "ckpt.pt")], str(tmp_path / "run" / "ckpt.pt")),
+                   "--out checkpoint missing on one rank": (["--out", str(tmp_path / "run"), "--steps", "2"],
+                                                            str(tmp_path / "run" / "ckpt.pt"))}[problem]
+    if hidden:                                               # a finished 1-step run that rank 1 cannot see
+        assert pd.main(["train", "--steps", "1", *small, "--out", str(tmp_path / "run"), "--log-every", "1"]) == 0
+    argv = ["train", "--steps", "1", *small, *bad]
+    ctx = mp.start_processes(_ddp_main_worker, args=(2, port, argv, str(tmp_path / "report"), hidden), nprocs=2,
+                             join=False, start_method="spawn")
     deadline = time.time() + 120
     while not ctx.join(timeout=5):
         if time.time() > deadline:                                 # a rank waiting forever is the bug
@@ -1012,6 +1023,8 @@ def test_ddp_ranks_all_exit_with_one_line_when_the_output_or_the_data_is_bad(pro
     for rank in (0, 1):
         r = json.loads((tmp_path / f"report.{rank}").read_text())
         assert r["code"] == 2 and r["stderr"].count("\n") == 1 and r["stderr"].startswith("error:"), (rank, r)
+        if problem.endswith("on one rank"):                  # both ranks name what one of them could not see
+            assert ("does not exist" if "--init" in problem else "ranks see different files") in r["stderr"], (rank, r)
 
 
 def test_batches_give_each_rank_disjoint_indices_that_together_cover_the_epoch():
@@ -1250,7 +1263,7 @@ def test_a_training_step_runs_forward_and_backward_on_the_meta_device():
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     torch._foreach_lerp_(list(f_star.parameters()), list(model.parameters()), 0.1)
     pd.self_perceptual_loss(model, f_star, schedule, x0, y, t_max=200, mse_lambda=0.5).backward()
-    with pytest.raises(Exception, match="meta"):               # its one host read: the lambda, once per run
+    with pytest.raises(Exception, match="Cannot copy out of meta"):   # its one host read: the lambda, once per run
         pd.balanced_lambda(model, f_star, schedule, [(x0, y)], **pd.sp_options(pd.TRAIN_DEFAULTS))
 
 
@@ -1304,6 +1317,16 @@ def test_adamw_keeps_its_step_counters_on_the_host_when_the_weights_are_on_a_gpu
             p.grad = torch.randn_like(p)
         opt.step()
     assert all(s["step"].device.type == "cpu" and s["exp_avg"].device.type == "cuda" for s in opt.state.values())
+
+
+def test_lambda_text_is_canonical_so_a_python_config_and_its_printed_command_compare_equal(tmp_path, tiny_stage1):
+    assert [pd.SP_LAMBDA(v) for v in ("", "auto", "0.50", 0.5, "1", "2e-1")] == ["", "auto", "0.5", "0.5", "1.0", "0.2"]
+    cfg = {**TINY_CFG, "out": str(tmp_path / "sp"), "steps": 2, "loss": "self-perceptual", "init": tiny_stage1,
+           "ckpt_every": 1}
+    pd.train({**cfg, "steps": 1, "sp_with_mse": 0.5}, log=lambda s: None)             # given in Python, a float
+    logs = []
+    pd.train({**cfg, "sp_with_mse": "0.50"}, log=logs.append)                        # as a command types it
+    assert logs[0].startswith("resumed from") and pd.load_checkpoint(str(tmp_path / "sp" / "ckpt.pt"))["step"] == 2
 
 
 @pytest.mark.parametrize("capability, expected", [((7, 0), "fp32"), ((7, 5), "fp32"), ((8, 0), "bf16"), ((9, 0), "bf16")])

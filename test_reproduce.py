@@ -1121,10 +1121,12 @@ def test_the_length_sweep_calls_the_curve_settled_only_where_the_paired_change_b
     assert [agree["settled"][m]["settled"] for m in rp.PRIMARY] == [True, True] and agree["lengths"] == [600, 2500, 10000]
     assert agree["settled"]["fd"]["change"] == pytest.approx(0.05 / 3) and agree["settled"]["fd"]["from"] == 2500
     # every seed moved by about +0.5 (paired): still moving, although the two lengths' own intervals overlap
-    drift = rp.length_summary({600: fake_pooled([0, 1, 2], [0.1, -0.4, 0.6]), 2500: fake_pooled([0, 1, 2], [0.6, 0.15, 1.05])})
+    drift = rp.length_summary({600: fake_pooled([0, 1, 2], [0.1, -0.4, 0.6]), 2500: fake_pooled([2, 0, 1], [1.05, 0.6, 0.15])})
     assert [drift["settled"][m]["settled"] for m in rp.PRIMARY] == [False, False]
     assert "NOT settled" in rp.lengths_markdown(drift) and "| 2500 | 3 | 4 - 2 |" in rp.lengths_markdown(drift)
     assert rp.length_summary({600: fake_pooled([0, 1], [0.1, 0.2])})["settled"] == {"fd": None, "precision": None}
+    same = rp.length_summary({600: fake_pooled([0, 1, 2], [0.1, 0.2, 0.3]), 2500: fake_pooled([0, 1, 2], [0.15, 0.25, 0.35])})
+    assert same["settled"] == {"fd": None, "precision": None}       # every seed moved by exactly +0.05: no interval
     rp.length_picture(agree, str(tmp_path / "len.png"))
     from PIL import Image
     assert Image.open(tmp_path / "len.png").size[0] > 600
