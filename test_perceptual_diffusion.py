@@ -1416,3 +1416,18 @@ def test_a_run_killed_with_sigkill_continues_from_its_last_checkpoint_when_its_c
     before = open(run / "ckpt.pt", "rb").read()
     r = subprocess.run(argv, capture_output=True, text=True, timeout=300)   # finished: launched again, untouched
     assert r.returncode == 0 and "left as it is" in r.stdout and open(run / "ckpt.pt", "rb").read() == before
+
+
+def test_each_epochs_order_is_made_on_the_images_device_and_a_step_copies_nothing_from_the_host():
+    counter, sampler = CountOps(), pd.Batches(40, 4, 0, 1, seed=0).sampler
+    order = list(sampler)                     # DistributedSampler draws it on the host (outside the fake mode here)
+    mode, cuda = fake_gpu()
+    with mode, cuda:
+        images = torch.zeros(40, 3, 8, 8, dtype=torch.uint8)                 # the data set on the (fake) GPU
+        batches = pd.Batches(40, 4, 0, 1, seed=0, device=images.device)
+        batches.sampler = type("Drawn", (), {"set_epoch": lambda self, e: None, "__iter__": lambda self: iter(order)})()
+        batches.indices(0)                                                   # the epoch's order: one copy
+        with counter:
+            for step in range(1, 9):                                         # the rest of the epoch
+                x0 = pd.to_model_range(images[batches.indices(step)])
+    assert counter.copies_from_cpu == 0 and x0.device.type == "cuda" and batches.order.device.type == "cuda"
