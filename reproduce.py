@@ -1919,7 +1919,7 @@ def gpu_check(device="cuda", tiny=False, out="gpu_check.json", log=print):
         part("stages_and_evaluation", stages)
 
         def kill_and_rerun():
-            steps, every = (60, 5) if tiny else (600, 50)
+            steps, every = (120, 5) if tiny else (600, 50)     # headroom: the kill must land before the end
             line = print_commands("smoke", min(max(gpus, 1), 2), os.path.join(tmp, "k"), device=device,
                                   log=lambda s: None, stage1_steps=steps, train={"ckpt_every": every, "log_every": 1})[0]
             argv = shlex.split(line)[3:]                               # after torchrun and its launch flags
