@@ -1109,23 +1109,26 @@ def train(cfg, log=print):
 
     # ---- state: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's --out) ----
     step, path = 0, os.path.join(out, "ckpt.pt")
-    init, ckpt, error = None, None, None
+    init, ckpt, error, seen = None, None, None, None
     try:                                                           # a bad path fails here, before any work
         init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
         ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
-    except UsageError as e:
-        error = str(e)
+        if ckpt is not None:
+            cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
+        if world > 1:                                              # what this rank read, by content
+            seen = (init and origin_of(init)["init_hash"], ckpt and (step, weights_hash(ckpt["ema"])))
+    except (UsageError, OSError, KeyError, IndexError, ValueError) as e:
+        error = f"{e}" if isinstance(e, UsageError) else f"cannot read --init or --out {out}: {type(e).__name__}: {e}"
     if world > 1:          # every rank must decide alike: they read one --init and --out, on a shared filesystem
-        seen = [None] * world
-        dist.all_gather_object(seen, error or (init and init["step"], ckpt and (ckpt["step"], os.path.getsize(path))))
-        error = error or next((v for v in seen if isinstance(v, str)), None)
-        if not error and len(set(seen)) > 1:
+        views = [None] * world
+        dist.all_gather_object(views, error or seen)
+        error = error or next((v for v in views if isinstance(v, str)), None)
+        if not error and len(set(views)) > 1:
             error = (f"the ranks see different files in --init or --out {out}: put them on a filesystem that every "
                      "node shares")
     if error:
         raise UsageError(error)
     if ckpt is not None:
-        cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
         if step == cfg["steps"]:                                   # finished: nothing is trained or written
             if master:
                 log(f"reusing the finished run in {out} ({step} steps): left as it is")

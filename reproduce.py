@@ -1302,8 +1302,8 @@ def lengths_markdown(summary):
     for m, s in summary["settled"].items():
         lines.append("" if m == PRIMARY[0] else None)
         if s is None:
-            lines.append(f"{names[m]}: whether the 4 - 2 difference has settled is not known (fewer than two lengths "
-                         "or two seeds common to the two longest).")
+            lines.append(f"{names[m]}: whether the 4 - 2 difference has settled is not known (fewer than two lengths, "
+                         "fewer than two seeds common to the two longest, or a paired interval of zero width).")
             continue
         change = (f"its change from {s['from']} to {s['to']} steps, paired over seeds {s['seeds']}, is "
                   f"{s['change']:+.4f} {fmt_ci(s['ci'])}")
