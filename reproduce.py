@@ -813,8 +813,8 @@ def loss_curves_picture(folders, path):
                 steps = [r["step"] for r in recs]
                 axes[0, col].plot(steps, [r["loss"] for r in recs], label=name)
                 axes[1, col].plot(steps, [r["grad_norm"] for r in recs], label=name)
-        axes[0, col].set_title(f"{kind} objectives: loss (mean since the last log line)")
-        axes[1, col].set_title("gradient norm before clipping")
+        axes[0, col].set_title(f"{kind} stages: loss (mean between log lines)", fontsize=9)
+        axes[1, col].set_title("gradient norm before clipping", fontsize=9)
         for ax in axes[:, col]:
             ax.set_xlabel("step of the stage")
             if ax.lines and all(min(line.get_ydata()) > 0 for line in ax.lines):   # t' = t's loss is exactly 0
