@@ -720,13 +720,16 @@ def test_the_parser_walk_covers_every_numeric_flag_of_every_subcommand():
             ("sample", "--batch"), ("sample", "--cfg-interval"), ("bench", "--iters"), ("bench", "--batch-size")} <= covered
 
 
-def unwritable_output_refused(module, argv, message, tmp_path, monkeypatch, capsys):
-    """argv names an output that cannot be written: one line, exit 2, before any checkpoint or data is loaded."""
+def unwritable_output_refused(module, argv, message, tmp_path, monkeypatch, capsys, loaders=()):
+    """argv names an output that cannot be written: one line, exit 2, before any checkpoint or data is loaded (by
+    this file or by the modules `loaders` that load them for `module`)."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("a file, not a folder")
     called = []
-    monkeypatch.setattr(module, "load_checkpoint", lambda *a: called.append(1))
-    monkeypatch.setattr(module, "load_dataset", lambda *a, **k: called.append(1))
+    for m in (pd, *loaders):
+        for name in ("load_checkpoint", "load_dataset"):
+            if hasattr(m, name):
+                monkeypatch.setattr(m, name, lambda *a, **k: called.append(1))
     needs = ["--ckpt", "x.pt"] if argv[0] in ("sample", "evaluate") else []
     assert module.main(argv + needs) == 2
     err = capsys.readouterr().err
