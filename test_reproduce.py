@@ -45,6 +45,38 @@ def tr(c):
     return c.trace().item()
 
 
+def test_frechet_distance_agrees_with_pytorch_fids_own_formula():
+    # The package that defines FID computes it with scipy's sqrtm; ours takes the trace square root from eigvalsh.
+    from pytorch_fid.fid_score import calculate_frechet_distance
+    g = torch.Generator().manual_seed(0)
+    for D in (8, 64):
+        a = torch.randn(500, D, generator=g, dtype=torch.float64)
+        b = torch.randn(500, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5 + 0.3
+        (mu, cov), (mu_r, cov_r) = metrics.feature_stats(b), metrics.feature_stats(a)
+        ours = float(metrics.frechet_distances(mu[None], cov[None], mu_r, cov_r)[0])
+        theirs = calculate_frechet_distance(mu.numpy(), cov.numpy(), mu_r.numpy(), cov_r.numpy())
+        assert ours == pytest.approx(theirs, rel=1e-6) and ours > 0.1
+
+
+def test_precision_recall_density_coverage_agree_with_the_prdc_package(capsys):
+    # prdc (Naeem et al.'s code) takes one k for all four, does not standardise, counts a point on a ball's edge as
+    # outside (<) and computes distances by the dot-product formula: so standardise first, call it once per k (3:
+    # precision and recall; 5: density and coverage), and use continuous features, where a distance within
+    # round-off of a radius has probability ~0. Tolerance: one point of 300 changing sides.
+    from prdc import compute_prdc
+    g = torch.Generator().manual_seed(1)
+    real = torch.randn(300, 8, generator=g, dtype=torch.float64)
+    fake = 1.3 * torch.randn(300, 8, generator=g, dtype=torch.float64) + 0.4
+    ours = {k: float(v.mean()) for k, v in metrics.prdc_indicators(real, fake).items()}
+    r, f = (x.numpy() for x in metrics.standardised(real, fake))
+    theirs = {**{k: v for k, v in compute_prdc(r, f, 5).items() if k in ("density", "coverage")},
+              **{k: v for k, v in compute_prdc(r, f, 3).items() if k in ("precision", "recall")}}
+    capsys.readouterr()                                                # prdc prints the set sizes
+    for k in stats.PRDC:
+        assert ours[k] == pytest.approx(float(theirs[k]), abs=1 / 300 + 1e-12), k
+    assert 0.2 < ours["precision"] < 0.95 and 0.2 < ours["coverage"] < 0.95   # neither trivial nor saturated
+
+
 def test_classifier_ruler_runs_offline_and_is_cached(tmp_path):
     data_dir = str(tmp_path / "data")
     ruler = rulers.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
@@ -393,10 +425,13 @@ def test_reproduce_reuses_stages_trained_on_another_device(smoke_run, tmp_path, 
     assert sum("reusing the finished run" in line for line in logs) == 3
 
 
-def test_t_quantile_matches_published_tables():
-    assert stats.t_quantile(0.975, 1) == pytest.approx(12.706, abs=2e-3)
-    assert stats.t_quantile(0.975, 4) == pytest.approx(2.776, abs=1e-3)
-    assert stats.t_quantile(0.975, 30) == pytest.approx(2.042, abs=1e-3)
+def test_pooled_interval_is_the_t_interval_of_published_tables():
+    # K values with sd s: mean +- t_{K-1} s / sqrt(K); t_{0.975} = 12.706 (1 df), 2.776 (4), 2.042 (30)
+    for values, t in (([0.0, 2.0], 12.706), ([0.0, 1.0, 2.0, 3.0, 4.0], 2.776), (list(range(31)), 2.042)):
+        mean, ci = stats.pooled_interval(values)
+        half = t * np.std(values, ddof=1) / len(values) ** 0.5
+        assert mean == pytest.approx(np.mean(values)) and ci == pytest.approx([mean - half, mean + half], abs=2e-3 * half)
+    assert stats.pooled_interval([0.7])[1] is None                     # one seed: no interval
 
 
 def test_pooled_verdicts_interval_covers_the_true_difference_in_95_percent_of_simulated_experiments():

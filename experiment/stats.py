@@ -1,10 +1,10 @@
 """Intervals and verdicts: the bootstrap interval, the paired verdict of one run, and verdicts and rows pooled
 over training seeds with t intervals; the variants' rule; the stage-2 length summary.
 """
-import functools
 import math
 
 import numpy as np
+import scipy.stats
 import torch
 
 
@@ -61,18 +61,6 @@ def excludes_zero(ci):
     return informative(ci) and not ci[0] <= 0 <= ci[1]
 
 
-@functools.lru_cache(maxsize=None)
-def t_quantile(p, df):
-    """The p-quantile (p > 0.5) of Student's t distribution with df degrees of freedom: bisection on its CDF,
-    integrated numerically from its density (no scipy). t_quantile(0.975, 4) = 2.776."""
-    c = math.exp(math.lgamma((df + 1) / 2) - math.lgamma(df / 2)) / math.sqrt(df * math.pi)
-    cdf = lambda x: 0.5 + np.trapezoid(c * (1 + np.linspace(0, x, 20001) ** 2 / df) ** (-(df + 1) / 2), dx=x / 20000)
-    lo, hi = 0.0, 1e3
-    for _ in range(60):
-        lo, hi = ((lo + hi) / 2, hi) if cdf((lo + hi) / 2) < p else (lo, (lo + hi) / 2)
-    return (lo + hi) / 2
-
-
 def pooled_interval(values, level=0.95):
     """(mean, 95% interval) over K training seeds: the t interval mean +- t_{K-1} sd / sqrt(K). Each seed's value
     already carries its own sampling noise, so the spread of the values contains the variance between training
@@ -80,7 +68,7 @@ def pooled_interval(values, level=0.95):
     v = np.asarray(values, dtype=np.float64)
     if len(v) < 2:
         return float(v.mean()), None
-    half = t_quantile((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
+    half = scipy.stats.t.ppf((1 + level) / 2, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v))
     return float(v.mean()), [float(v.mean() - half), float(v.mean() + half)]
 
 
