@@ -362,6 +362,8 @@ def test_reproduce_smoke_preset_writes_tables_pictures_unconditional_rows_and_ve
     assert [x["t"] for x in data["x0_hat"]][-1] == 999 and len(data["x0_hat"]) >= 4
     assert [s["cfg_scale"] for s in data["guidance_sweep"]] == [1.0, 2.0, 3.0] == [s["cfg_scale"] for s in data["sp_guidance_sweep"]]
     assert [s["cfg_scale"] for s in data["autoguidance_sweep"]] == [2.0, 3.0] and rows[9]["guidance"] == "auto"
+    sweep = data["guidance_sweep"][0]                                       # the picture's intervals are stored
+    assert all(sweep[k + "_ci"][0] <= sweep[k] <= sweep[k + "_ci"][1] for k in ("fd", "precision", "recall"))
     assert rows[10]["label"] == 10 and rows[9]["cfg_scale"] == rows[10]["cfg_scale"] == data["autoguidance"][0]
     assert os.path.isfile(data["guide"]) and pd.load_checkpoint(data["guide"])["step"] == 1   # 1/8 of 2 steps, at least 1
     assert set(data["prdc_ceiling"]) == set(stats.SWEEP_KEYS[2:]) and all("recall_random_ci" in r for r in data["rows"])
@@ -1188,3 +1190,31 @@ def test_the_length_sweep_trains_each_seeds_stage_1_once_for_every_length(tmp_pa
     assert sum(line.startswith("[steps1]") and "[mse] mse on shapes" in line for line in logs) == 1   # trained once
     assert sum(line.startswith("[steps2]") and f"reusing the finished run in {stage1}" in line for line in logs) == 1
     assert summary["lengths"] == [1, 2] and (tmp_path / "L" / "lengths.md").exists()
+
+
+# ------------------------------ pictures: every class named, the trade-off with its intervals ------------------------------
+
+def test_the_comparison_picture_names_every_class_in_full_however_long(tmp_path):
+    torch.manual_seed(0)
+    model = pd.UNet(image_size=8, channels=8, channel_mult=(1, 2), attn_resolutions=(), num_classes=2).eval()
+    schedule, rows, widths = pd.Schedule(1000, "scaled_linear"), [(1, "MSE", "mse", "cond")], {}
+    from PIL import Image, ImageDraw
+    for names in (["a", "b"], ["animals_and_nature", "b"]):
+        path = tmp_path / f"{len(names[0])}.png"
+        report.comparison_picture({"mse": model}, schedule, rows, {}, str(path), 1, 1, "fp32", names)
+        widths[names[0]] = Image.open(path).size[0]
+    text = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength("animals_and_nature")
+    assert widths["animals_and_nature"] - widths["a"] >= text + 12 - 70 > 0      # the margin grew to hold the name
+
+
+def test_the_tradeoff_picture_draws_the_sweeps_with_their_intervals_and_without_them(tmp_path):
+    point = lambda w, v: {"cfg_scale": w, **{k: v for k in ("fd", "precision", "recall")},
+                          **{k + "_ci": [v - 0.1, v + 0.1] for k in ("fd", "precision", "recall")}}
+    res = {"guidance_sweep": [point(1.0, 0.5), point(2.0, 0.3)], "sp_guidance_sweep": [point(1.0, 0.6), point(2.0, 0.4)],
+           "sweep_prdc_ceiling": {"precision": 0.8, "recall": 0.8}, "protocol": {"features": "classifier"},
+           "settings": {"sweep_n": 150}}
+    report.tradeoff_picture(res, str(tmp_path / "t.png"))
+    old = {**res, "guidance_sweep": [{k: v for k, v in p.items() if not k.endswith("_ci")} for p in res["guidance_sweep"]]}
+    report.tradeoff_picture(old, str(tmp_path / "old.png"))                  # results written before the intervals
+    from PIL import Image
+    assert Image.open(tmp_path / "t.png").size[0] > 600 and Image.open(tmp_path / "old.png").size[0] > 600

@@ -155,6 +155,7 @@ def variant_judgements(verdicts):
     return out
 
 
+SWEEP_RESAMPLES = 200    # the guidance sweeps' bootstrap, for the trade-off picture's intervals (rows: the preset's)
 BOOKKEEPING_KEYS = {"log_every", "sample_every", "ckpt_every", "resume", "out", "device", "compile"}  # not the result
 
 
@@ -346,9 +347,11 @@ def reproduce(preset="cpu", out="runs/reproduce", device=None, seed=0, log=print
         sweeps[kind] = []
         for w in scales:
             r, _ = evaluate_model(models[key], schedule, ruler, p["sweep_n"], cfg_scale=w, cfg_rescale=phi,
-                                  seed=seed + 1, label=label, guide=guide if kind == "auto" else None, resamples=20,
+                                  seed=seed + 1, label=label, guide=guide if kind == "auto" else None,
+                                  resamples=SWEEP_RESAMPLES,
                                   **{k: v for k, v in ev.items() if k != "resamples"})
-            sweeps[kind].append({"cfg_scale": w, "cfg_rescale": phi, **{k: r[k] for k in SWEEP_KEYS if k in r}})
+            sweeps[kind].append({"cfg_scale": w, "cfg_rescale": phi, **{k: r[k] for k in SWEEP_KEYS if k in r},
+                                 **{k + "_ci": r[k + "_ci"] for k in SWEEP_KEYS if k in r}})
             log(f"{kind} guidance sweep: w={w:g} phi={phi:g} -> Frechet distance {r['fd']:.3f}, precision "
                 f"{r['precision']:.3f}, recall {r['recall']:.3f}")
         guidance[kind] = (min((r for r in sweeps[kind] if r["cfg_scale"] != 1), key=lambda r: r["fd"])["cfg_scale"], phi)

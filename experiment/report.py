@@ -39,7 +39,9 @@ def comparison_picture(models, schedule, rows, guidance, path, per_class, steps,
     same initial noise in every column: read across a line to compare the rows on one class and one x_T.
     guidance: {row: (w, phi)} of the guided rows."""
     from PIL import Image, ImageDraw
-    scale, pad, head, left = max(2, 64 // models["mse"].image_size), 8, 30, 70
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1))).textlength
+    scale, pad, head = max(2, 64 // models["mse"].image_size), 8, 30
+    left = max([70] + [int(measure(c)) + 12 for c in class_names])           # every class named in full
     columns = []
     for row, name, key, mode in rows:
         m = models[key]
@@ -63,40 +65,34 @@ def comparison_picture(models, schedule, rows, guidance, path, per_class, steps,
 
 def tradeoff_picture(res, path):
     """The guidance trade-off (guidance_tradeoff.png): Frechet distance, precision and recall (1st ruler) against
-    the guidance scale w for the MSE model and the self-perceptual model, from the sweeps (w = 1: unguided), with
-    the unguided self-perceptual point ringed and the real-vs-real ceiling of precision and recall dashed."""
-    from PIL import Image, ImageDraw
-    curves = {"MSE": ((200, 60, 40), res["guidance_sweep"]), "self-perceptual": ((40, 90, 200), res["sp_guidance_sweep"])}
+    the guidance scale w for the MSE model and the self-perceptual model, from the sweeps (w = 1: unguided), each
+    point with its 95% bootstrap interval over the sweep's samples (where the sweep stored it), the unguided
+    self-perceptual point ringed and the real-vs-real ceiling of precision and recall dashed."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    curves = {"MSE + guidance": ("tab:red", res["guidance_sweep"]),
+              "self-perceptual + guidance": ("tab:blue", res["sp_guidance_sweep"])}
     ceiling = res.get("sweep_prdc_ceiling") or {}
-    W, H, m = 260, 220, 40
-    canvas = Image.new("RGB", (3 * W + 20, H + 50), "white")
-    draw = ImageDraw.Draw(canvas)
-    ws = [p["cfg_scale"] for p in res["guidance_sweep"]]
-    for i, key in enumerate(["fd", "precision", "recall"]):
-        x0 = 10 + i * W
-        vals = [p[key] for _, pts in curves.values() for p in pts] + ([ceiling[key]] if key in ceiling else [])
-        lo, hi = min(vals), max(vals)
-        lo, hi = lo - 0.05 * (hi - lo + 1e-9), hi + 0.05 * (hi - lo + 1e-9)
-        X = lambda w: x0 + m + (w - min(ws)) / (max(ws) - min(ws) or 1) * (W - m - 20)
-        Y = lambda v: 30 + (hi - v) / (hi - lo) * (H - 50)
-        draw.rectangle([x0 + m, 30, x0 + W - 20, H - 20], outline="black")
-        draw.text((x0 + m, 10), f"{key} ({res['protocol']['features']})" if key == "fd" else key, fill="black")
-        for v in (lo, hi):
-            draw.text((x0, Y(v) - 6), f"{v:.2f}", fill="black")
-        for w in ws:
-            draw.text((X(w) - 8, H - 15), f"w={w:g}", fill="black")
-        if key in ceiling:
-            for xa in range(int(X(min(ws))), int(X(max(ws))), 8):
-                draw.line([xa, Y(ceiling[key]), xa + 4, Y(ceiling[key])], fill="gray")
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    for ax, key in zip(axes, ["fd", "precision", "recall"]):
         for name, (colour, pts) in curves.items():
-            draw.line([(X(p["cfg_scale"]), Y(p[key])) for p in pts], fill=colour, width=2)
-            for p in pts:
-                r = 6 if name == "self-perceptual" and p["cfg_scale"] == 1 else 3
-                draw.ellipse([X(p["cfg_scale"]) - r, Y(p[key]) - r, X(p["cfg_scale"]) + r, Y(p[key]) + r],
-                             outline=colour, fill=None if r == 6 else colour)
-    draw.text((10 + m, H + 25), "red: MSE + guidance;  blue: self-perceptual + guidance (ringed: unguided, w=1);  "
-              "gray dashes: real vs real", fill="black")
-    canvas.save(path)
+            w, v = [p["cfg_scale"] for p in pts], [p[key] for p in pts]
+            ci = [p.get(key + "_ci") or [p[key], p[key]] for p in pts]
+            ax.errorbar(w, v, yerr=[[y - c[0] for y, c in zip(v, ci)], [c[1] - y for y, c in zip(v, ci)]],
+                        color=colour, marker="o", capsize=3, label=name)
+            if name.startswith("self") and 1.0 in w:
+                ax.plot([1.0], [v[w.index(1.0)]], "o", ms=12, mfc="none", color=colour, label="unguided (w = 1)")
+        if key in ceiling:
+            ax.axhline(ceiling[key], color="gray", ls="--", lw=1, label="real vs real")
+        ax.set_xlabel("guidance scale w")
+        ax.set_title(f"Frechet distance ({res['protocol']['features']})" if key == "fd" else key, fontsize=10)
+    axes[0].legend(fontsize=7)
+    fig.suptitle(f"guidance sweeps: {res['settings']['sweep_n']} samples per point, 95% bootstrap intervals",
+                 fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
 
 
 def loss_curves_picture(folders, path):
