@@ -16,6 +16,7 @@ Run (the built-in `shapes` data needs no network):
   python reproduce.py reproduce --preset cifar10-quick --estimate        # FLOPs counted, GPU hours projected
   python reproduce.py reproduce --preset cifar10-quick --print-commands 8   # the torchrun command of each stage
   python reproduce.py evaluate --ckpt runs/sp/ckpt.pt --n 1000
+  python reproduce.py pool results/stage2_length             # pooled tables again from the kept seedS.json files
   python reproduce.py pretrain                           # regenerate pretrained/ (72 min of training on one core)
   python reproduce.py gpucheck                           # every GPU path, timed; each GPU preset's hours
 """
@@ -25,8 +26,8 @@ import sys
 
 import torch
 
-from experiment.comparison import (ABLATIONS, PRESETS, PRETRAINED_DIR, REPRODUCE_TRAIN_ARGS, print_commands, reproduce,
-                                   reproduce_lengths, reproduce_seeds)
+from experiment.comparison import (ABLATIONS, PRESETS, PRETRAINED_DIR, REPRODUCE_TRAIN_ARGS, pool_folder, print_commands,
+                                   reproduce, reproduce_lengths, reproduce_seeds)
 from experiment.rulers import CLASSIFIER_STEPS, Ruler, evaluate_model
 from experiment.tools import estimate, gpu_check, pretrain
 from perceptual_diffusion import (ANY_INT, DEVICE, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UsageError,
@@ -132,6 +133,10 @@ def build_parser():
                    "(default: runs/pretrain)")
     p.add_argument("--dest", default=PRETRAINED_DIR, help="where the shipped files are written (default: pretrained/)")
     p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
+    p = sub.add_parser("pool", help="pool seeds kept as files (DIR/seedS.json: each a seed's results.json, from any "
+                       "session or machine) into DIR/pooled.md and pooled.json; a DIR of stepsL/ folders: each, then "
+                       "the length summary (lengths.md, stage2_length.png)")
+    p.add_argument("dir", help="the folder of seedS.json files, or of stepsL/ folders of them (such as results/)")
     p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
     p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")
@@ -219,9 +224,10 @@ def main(argv=None):
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["reproduce", *argv]                                # python reproduce.py --out runs/x
     commands = {"evaluate": run_evaluate, "reproduce": run_reproduce, "gpucheck": run_gpucheck,
-                "pretrain": lambda args: pretrain(args.out, args.dest, args.device) and None}
+                "pretrain": lambda args: pretrain(args.out, args.dest, args.device) and None,
+                "pool": lambda args: pool_folder(args.dir) and None}
     return run_command(build_parser(), argv, lambda args: commands[args.command](args),
-                       "reproduce, evaluate, pretrain or gpucheck")
+                       "reproduce, evaluate, pool, pretrain or gpucheck")
 
 
 if __name__ == "__main__":

@@ -522,6 +522,20 @@ def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(t
     md = (tmp_path / "s" / "pooled.md").read_text()
     assert "of 2 |" in md and "95% interval over seeds" in md
     assert (tmp_path / "s" / "seed1" / "results.md").is_file() and (tmp_path / "s" / "seed0" / "results.json").is_file()
+    # The seeds kept as files (as results/ keeps them) pool to the same result, here or in any later session.
+    kept = tmp_path / "kept" / "steps1"
+    kept.mkdir(parents=True)
+    for s in (0, 1):
+        (kept / f"seed{s}.json").write_text((tmp_path / "s" / f"seed{s}" / "results.json").read_text())
+    assert rp.main(["pool", str(kept)]) == 0 and json.loads((kept / "pooled.json").read_text()) == pooled
+    assert rp.main(["pool", str(kept.parent)]) == 0 and (kept.parent / "lengths.md").is_file()
+    other = json.loads((kept / "seed1.json").read_text())
+    other["train"]["lr"] *= 2
+    (kept / "seed1.json").write_text(json.dumps(other))
+    capsys.readouterr()
+    assert rp.main(["pool", str(kept)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "seed1.json was run with another lr" in err
 
 
 def test_stage2_seeds_reuse_the_first_seeds_stage_1_weights_and_train_their_own_stage_2(tmp_path):

@@ -456,14 +456,54 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
                                   stage1_out, stage1_seed, **overrides)
     full = [results[f"seed{s}"] for s in seeds]
     shared = [full[0]] + [r for n, r in results.items() if "-stage2-" in n]
-    rows = pooled_rows(full)
-    pooled = {"preset": preset, "seeds": list(seeds), "stage2_seeds": stage2_seeds, "stage1_source": full[0]["stage1_source"],
-              "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
-              "sources": variance_sources(rows, pooled_rows(shared)) if stage2_seeds else None,
-              "stage2_steps": full[0]["settings"]["stage2_steps"]}
-    pooled["variant_judgements"] = variant_judgements(pooled["verdicts"])
+    pooled = pooled_result(full, shared if stage2_seeds else None)
     write_outputs(out, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
     log(f"wrote {out}/pooled.md and pooled.json ({len(seeds)} full-pipeline seeds)")
+    return pooled
+
+
+def pooled_result(full, shared=None):
+    """The pooled result of full-pipeline seeds' results (and, for the split of the spread into its sources, of the
+    runs that share the first seed's stage 1: that seed's result first)."""
+    rows = pooled_rows(full)
+    pooled = {"preset": full[0]["preset"], "seeds": [r["train"]["seed"] for r in full],
+              "stage2_seeds": len(shared) - 1 if shared else 0, "stage1_source": full[0]["stage1_source"],
+              "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
+              "sources": variance_sources(rows, pooled_rows(shared)) if shared else None,
+              "stage2_steps": full[0]["settings"]["stage2_steps"]}
+    pooled["variant_judgements"] = variant_judgements(pooled["verdicts"])
+    return pooled
+
+
+def pool_folder(folder, log=print):
+    """Pool results that were kept as files, so that seeds run in different sessions (or on other machines) pool
+    like seeds of one run: folder/seedS.json (each a seed's results.json) -> folder/pooled.json and pooled.md; a
+    folder of stepsL/ folders (a length sweep) -> each pooled, then lengths.md, lengths.json, stage2_length.png.
+    The seeds must share the preset and every setting but the seed. Returns the pooled result or the summary."""
+    if not os.path.isdir(folder):
+        raise UsageError(f"pool: {folder!r} is not a folder")
+    lengths = sorted(int(d[5:]) for d in os.listdir(folder) if d.startswith("steps") and d[5:].isdigit())
+    if lengths:
+        return write_length_summary(folder, {L: pool_folder(os.path.join(folder, f"steps{L}"), log) for L in lengths},
+                                    log)
+    names = sorted((int(f[4:-5]), f) for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json")
+                   and f[4:-5].isdigit())
+    if not names:
+        raise UsageError(f"pool: {folder!r} holds neither seedS.json result files nor stepsL/ folders of them")
+    full = []
+    for _, f in names:
+        try:
+            with open(os.path.join(folder, f)) as fh:
+                full.append(json.load(fh))
+            other = [k for k in ("preset", "settings") if full[-1][k] != full[0][k]] + [
+                k for k in full[0]["train"] if k != "seed" and full[-1]["train"].get(k) != full[0]["train"][k]]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise UsageError(f"pool: cannot read {os.path.join(folder, f)} as a seed's results ({type(e).__name__})")
+        if other:
+            raise UsageError(f"pool: {f} was run with another {', '.join(other)} than {names[0][1]}: it does not pool")
+    pooled = pooled_result(full)
+    write_outputs(folder, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
+    log(f"wrote {folder}/pooled.md and pooled.json ({len(full)} seeds: {', '.join(f for _, f in names)})")
     return pooled
 
 
@@ -478,10 +518,16 @@ def reproduce_lengths(preset, out, lengths, seeds, device=None, log=print, ablat
         per[steps] = reproduce_seeds(preset, os.path.join(out, f"steps{steps}"), seeds, 0, device,
                                      lambda s, L=steps: log(f"[steps{L}] {s}"), ablations,
                                      stage1_root=os.path.join(out, "stage1"), **{**overrides, "stage2_steps": steps})
+    return write_length_summary(out, per, log)
+
+
+def write_length_summary(out, per, log):
+    """lengths.md, lengths.json and stage2_length.png of {stage-2 steps: pooled result} (length_summary)."""
     summary = length_summary(per)
     length_picture(summary, os.path.join(out, "stage2_length.png"))
     write_outputs(out, {"lengths.json": json.dumps(summary, indent=1), "lengths.md": lengths_markdown(summary)}, log)
-    log(f"wrote {out}/lengths.md, lengths.json and stage2_length.png ({len(lengths)} lengths, {len(seeds)} seeds each)")
+    log(f"wrote {out}/lengths.md, lengths.json and stage2_length.png ({len(per)} lengths, seeds "
+        + "; ".join(f"{L}: {len(p['seeds'])}" for L, p in per.items()) + ")")
     return summary
 
 
