@@ -270,6 +270,12 @@ def test_pixel_summary_measures_what_its_names_say():
     assert spec[0, -1] > 0 and spec[0, :-1].abs().max() < 1e-9       # all energy at the highest radius
 
 
+def hide_pytorch_fid(monkeypatch):
+    """Every import of pytorch-fid fails, as where it is not installed (its modules already imported included)."""
+    for name in ("pytorch_fid", "pytorch_fid.inception", "pytorch_fid.fid_score"):
+        monkeypatch.setitem(sys.modules, name, None)
+
+
 def fake_pytorch_fid(monkeypatch, seen, fail=None):
     """A stand-in for the optional package pytorch-fid: its InceptionV3 class, with random weights, recording
     what it is given. It resizes to 299 and normalises to [-1, 1] itself, as the real one does when asked."""
@@ -314,7 +320,7 @@ def test_fid_plumbing_uses_the_package_network_once_on_images_in_0_1_and_a_set_w
 @pytest.mark.parametrize("problem", ["no package", "no weights"])
 def test_fid_without_the_package_or_its_weights_is_one_clear_line_and_exit_code_2(problem, tmp_path, monkeypatch, capsys):
     if problem == "no package":
-        monkeypatch.setitem(sys.modules, "pytorch_fid", None)      # import fails as if not installed
+        hide_pytorch_fid(monkeypatch)
     else:
         fake_pytorch_fid(monkeypatch, {}, fail=OSError("download refused by the test"))
     tiny_train(tmp_path)
@@ -1009,7 +1015,7 @@ def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_
 
 def test_flags_alone_run_the_default_command_reproduce(tmp_path, capsys):
     assert rp.main(["--preset", "smoke", "--estimate"]) == 0 and "estimate for --preset smoke" in capsys.readouterr().out
-    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,gpucheck}" in capsys.readouterr().out
+    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,pool,gpucheck}" in capsys.readouterr().out
 
 
 # ----------------------------- devices and the protocol: right by construction -----------------------------
@@ -1085,7 +1091,7 @@ def test_a_gpu_preset_refuses_to_train_where_no_gpu_is_visible_unless_device_cpu
 
 
 def test_pytorch_fid_missing_is_refused_before_any_stage_trains(tmp_path, monkeypatch, capsys):
-    monkeypatch.setitem(sys.modules, "pytorch_fid", None)           # import fails as if not installed
+    hide_pytorch_fid(monkeypatch)
     fake = torch.randint(0, 256, (64, 3, 32, 32), dtype=torch.uint8), torch.arange(64) % 10, [str(i) for i in range(10)], True
     monkeypatch.setattr(rulers, "load_dataset", lambda *a, **k: fake)   # CIFAR-10 mocked: it cannot download here
     monkeypatch.setattr(comparison, "train", lambda *a, **k: pytest.fail("a stage trained before the rulers were built"))
