@@ -77,6 +77,26 @@ def test_precision_recall_density_coverage_agree_with_the_prdc_package(capsys):
     assert 0.2 < ours["precision"] < 0.95 and 0.2 < ours["coverage"] < 0.95   # neither trivial nor saturated
 
 
+def test_the_default_datas_classifier_ruler_is_the_shipped_one_and_a_changed_file_is_refused(tmp_path, monkeypatch):
+    # Every machine measures the default data with the same weights (one trained here would differ: fp32 kernels).
+    monkeypatch.setattr(rulers, "train_classifier", lambda *a, **k: pytest.fail("trained a ruler that is shipped"))
+    ruler = rulers.Ruler("classifier", "shapes", str(tmp_path / "data"), 16, 0, 100, torch.device("cpu"),
+                         log=lambda s: None)
+    card = json.loads(open(os.path.join(rulers.SHIPPED_DIR, "classifier400_shapes_16px_seed0.json")).read())
+    assert ruler.protocol["ruler"].endswith("(shipped)") and ruler.protocol["ruler_hash"] == card["ruler_hash"]
+    assert not (tmp_path / "data").exists()                                   # nothing cached, nothing trained
+    shipped = tmp_path / "pretrained"
+    shipped.mkdir()
+    for f in ("classifier400_shapes_16px_seed0.pt", "classifier400_shapes_16px_seed0.pt.sha256"):
+        (shipped / f).write_bytes(open(os.path.join(rulers.SHIPPED_DIR, f), "rb").read())
+    with open(shipped / "classifier400_shapes_16px_seed0.pt", "r+b") as f:
+        f.seek(-10, 2)
+        f.write(b"0123456789")                                                 # a changed byte at the end
+    monkeypatch.setattr(rulers, "SHIPPED_DIR", str(shipped))
+    with pytest.raises(pd.UsageError, match="does not match its sha256"):
+        rulers.Ruler("classifier", "shapes", str(tmp_path / "data"), 16, 0, 100, torch.device("cpu"), log=lambda s: None)
+
+
 def test_classifier_ruler_runs_offline_and_is_cached(tmp_path):
     data_dir = str(tmp_path / "data")
     ruler = rulers.Ruler("classifier", "shapes", data_dir, 16, 0, 200, torch.device("cpu"), classifier_steps=30,
@@ -542,6 +562,10 @@ def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(t
     assert rp.main(["pool", str(kept)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "seed1.json was run with another lr" in err
+    other["train"]["lr"] /= 2
+    other["protocol"]["ruler_hash"] = "0123456789abcdef"                   # measured with another ruler
+    (kept / "seed1.json").write_text(json.dumps(other))
+    assert rp.main(["pool", str(kept)]) == 2 and "different classifier rulers" in capsys.readouterr().err
 
 
 def test_stage2_seeds_reuse_the_first_seeds_stage_1_weights_and_train_their_own_stage_2(tmp_path):

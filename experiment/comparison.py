@@ -465,8 +465,14 @@ def reproduce_seeds(preset, out, seeds, stage2_seeds=0, device=None, log=print, 
 def pooled_result(full, shared=None):
     """The pooled result of full-pipeline seeds' results (and, for the split of the spread into its sources, of the
     runs that share the first seed's stage 1: that seed's result first)."""
+    rulers = {r["protocol"].get("ruler_hash") for r in full} - {None}      # results written before it: not known
+    if len(rulers) > 1:
+        raise UsageError(f"the seeds were measured with different classifier rulers (weights {', '.join(sorted(rulers))})"
+                         ": their rows and verdicts do not pool; measure every seed with one ruler (pretrained/ ships "
+                         "the default data's)")
     rows = pooled_rows(full)
-    pooled = {"preset": full[0]["preset"], "seeds": [r["train"]["seed"] for r in full],
+    pooled = {"preset": full[0]["preset"], "ruler": full[0]["protocol"].get("ruler"),
+              "ruler_hash": next(iter(rulers), None), "seeds": [r["train"]["seed"] for r in full],
               "stage2_seeds": len(shared) - 1 if shared else 0, "stage1_source": full[0]["stage1_source"],
               "samples_per_row": full[0]["rows"][0]["samples"], "verdicts": pooled_verdicts(full), "rows": rows,
               "sources": variance_sources(rows, pooled_rows(shared)) if shared else None,

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from perceptual_diffusion import (FOLDER_HELDOUT, UsageError, autocast, generate, load_dataset, norm, to_model_range,
-                                  to_uint8)
+                                  to_uint8, weights_hash)
 from .metrics import (bootstrap_weights, feature_stats, frechet_distances, kid_real_term, prdc_indicators, resampled_fd,
                       resampled_kid, resampled_prdc, sqrtm_psd)
 from .report import tile
@@ -151,6 +151,7 @@ def high_freq_ratio(spectrum, real_spectrum):
 
 
 CLASSIFIER_STEPS = 400      # training steps of the classifier ruler, wherever one is built
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "pretrained")   # its rulers
 
 
 def cache_path(data_dir, what, data, image_size, data_seed):
@@ -229,25 +230,36 @@ class Ruler:
                                                        if self.features == "fid" and n != 50_000 else "")
 
     def _classifier(self, data, data_dir, image_size, data_seed, num_classes, steps, log):
-        """The classifier cached under data_dir for (data, image size, data seed, steps), else a newly trained one
-        (then cached): `evaluate` and every `reproduce` on one data set measure with the same ruler."""
+        """The shipped classifier for (data, image size, data seed, steps) where pretrained/ has one (the default
+        data: every machine then measures with the same weights; one trained on each machine differs, as fp32
+        kernels do), else the one cached under data_dir, else a newly trained one (then cached): `evaluate` and
+        every `reproduce` on one data set measure with the same ruler. Its weights' hash goes into the protocol."""
         path = cache_path(data_dir, f"classifier{steps}", data, image_size, data_seed)
-        self.protocol["ruler"] = os.path.basename(path)
-        if os.path.isfile(path):
+        shipped = os.path.join(SHIPPED_DIR, os.path.basename(path))
+        net = Classifier(num_classes)
+        if os.path.isfile(shipped):
+            with open(shipped, "rb") as f:
+                digest = hashlib.sha256(f.read()).hexdigest()
+            if not os.path.isfile(shipped + ".sha256") or open(shipped + ".sha256").read().split()[0] != digest:
+                raise UsageError(f"{shipped!r} does not match its sha256 in {shipped}.sha256: the shipped ruler was "
+                                 "changed or damaged; restore it (git checkout)")
+            net.load_state_dict(torch.load(shipped, map_location="cpu", weights_only=True)["model"])
+            self.protocol["ruler"] = f"pretrained/{os.path.basename(path)} (shipped)"
+        else:
+            self.protocol["ruler"] = os.path.basename(path)
             try:
-                net = Classifier(num_classes)
                 net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True)["model"])
-                return net.to(self.device).eval()
-            except Exception:
-                pass                                               # unreadable cache: train a new one
-        images, labels, _, _ = load_dataset(data, data_dir, image_size, train=True, seed=data_seed)
-        net = train_classifier(images, labels, num_classes, steps, self.device, log=log)
-        try:
-            os.makedirs(data_dir, exist_ok=True)
-            torch.save({"model": net.state_dict()}, path)
-        except OSError as e:
-            log(f"the classifier ruler could not be cached in {path} ({e.strerror or e}); it was used all the same")
-        return net
+            except Exception:                                      # no cache, or an unreadable one: train one
+                images, labels, _, _ = load_dataset(data, data_dir, image_size, train=True, seed=data_seed)
+                net = train_classifier(images, labels, num_classes, steps, self.device, log=log)
+                try:
+                    os.makedirs(data_dir, exist_ok=True)
+                    torch.save({"model": net.state_dict()}, path)
+                except OSError as e:
+                    log(f"the classifier ruler could not be cached in {path} ({e.strerror or e}); it was used all "
+                        "the same")
+        self.protocol["ruler_hash"] = weights_hash(net.state_dict())
+        return net.to(self.device).eval()
 
     def _fid_reference(self, data, data_dir, image_size, data_seed, log):
         """FID's reference statistics: the pytorch-fid features of every training image (CIFAR-10: the 50,000
