@@ -63,13 +63,16 @@ def ablation_list(text):
 
 
 def seeds_arg(text):
-    """'K' (seeds 0..K-1, K >= 1) or 'S1,S2,...' (distinct integers): the training seeds of reproduce --seeds."""
+    """'K' (seeds 0..K-1, K >= 1) or 'S1,S2,...' (distinct integers; one seed S alone: 'S,'): the training seeds
+    of reproduce --seeds."""
     try:
-        seeds = list(range(int(text))) if "," not in text else [int(v) for v in text.split(",")]
+        parts = text[:-1].split(",") if text.endswith(",") and text.count(",") == 1 else text.split(",")
+        seeds = list(range(int(text))) if "," not in text else [int(v) for v in parts]
     except ValueError:
         seeds = []
     if not seeds or len(set(seeds)) != len(seeds):
-        raise argparse.ArgumentTypeError(f"must be a count K >= 1 or distinct seeds such as 0,3,7, got {text!r}")
+        raise argparse.ArgumentTypeError(f"must be a count K >= 1 or distinct seeds such as 0,3,7 (one seed: 3,), "
+                                         f"got {text!r}")
     return seeds
 
 
@@ -99,7 +102,8 @@ def build_parser():
                    "preset then refuses a CPU), cpu, cuda or mps (default: auto)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of training and evaluation (default: 0)")
     p.add_argument("--seeds", type=seeds_arg, default=None, metavar="K|S1,S2,..", help="run the whole pipeline once per "
-                   "training seed (K: seeds 0..K-1), each in --out/seedS, and pool the verdicts over them (pooled.md)")
+                   "training seed (K: seeds 0..K-1; a list S1,S2; one seed S: S,), each in --out/seedS, and pool the "
+                   "verdicts over them (pooled.md)")
     p.add_argument("--stage2-seeds", type=NONNEG_INT, default=0, help="with --seeds: J more runs on the first seed's "
                    "stage 1 with their own stage-2 and sampling seeds, to split the spread into its sources (default: 0)")
     p.add_argument("--cooldown", type=UNIT, default=None, help="override the preset's stage-1 cool-down fraction (0: "

@@ -605,8 +605,9 @@ def test_pooled_sampling_error_is_the_root_mean_square_of_the_seeds_standard_err
     assert stats.pooled_rows(results)[0]["fd"]["se_sampling"] == pytest.approx(((0.01 + 0.09) / 2) ** 0.5)
 
 
-def test_bad_seed_lists_are_one_line_and_exit_code_2(capsys, tmp_path):
-    for value in ("0", "1,1", "a", "-2"):
+def test_bad_seed_lists_are_one_line_and_exit_code_2_and_one_seed_alone_is_s_comma(capsys, tmp_path):
+    assert rp.seeds_arg("3") == [0, 1, 2] and rp.seeds_arg("3,") == [3] and rp.seeds_arg("4,1") == [4, 1]
+    for value in ("0", "1,1", "a", "-2", ",", "3,,"):
         assert rp.main(["reproduce", "--seeds", value, "--out", str(tmp_path)]) == 2
         assert capsys.readouterr().err.count("\n") == 1
     assert rp.main(["reproduce", "--stage2-seeds", "2", "--out", str(tmp_path)]) == 2
