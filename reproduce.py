@@ -140,7 +140,8 @@ def build_parser():
     p = sub.add_parser("pool", help="pool seeds kept as files (DIR/seedS.json: each a seed's results.json, from any "
                        "session or machine) into DIR/pooled.md and pooled.json; a DIR of stepsL/ folders: each, then "
                        "the length summary (lengths.md, stage2_length.png)")
-    p.add_argument("dir", help="the folder of seedS.json files, or of stepsL/ folders of them (such as results/)")
+    p.add_argument("dir", help="the folder of seedS.json files (such as results/variants600), or of stepsL/ folders "
+                   "of them (such as results/stage2_length); pooled.json and pooled.md are written in place")
     p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
     p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")

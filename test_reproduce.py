@@ -52,9 +52,10 @@ def test_frechet_distance_agrees_with_pytorch_fids_own_formula():
     for D in (8, 64):
         a = torch.randn(500, D, generator=g, dtype=torch.float64)
         b = torch.randn(500, D, generator=g, dtype=torch.float64) @ torch.randn(D, D, generator=g, dtype=torch.float64) / D ** 0.5 + 0.3
+        stats_np = lambda f: (f.numpy().mean(0), np.cov(f.numpy(), rowvar=False))      # independent of feature_stats
         (mu, cov), (mu_r, cov_r) = metrics.feature_stats(b), metrics.feature_stats(a)
         ours = float(metrics.frechet_distances(mu[None], cov[None], mu_r, cov_r)[0])
-        theirs = calculate_frechet_distance(mu.numpy(), cov.numpy(), mu_r.numpy(), cov_r.numpy())
+        theirs = calculate_frechet_distance(*stats_np(b), *stats_np(a))
         assert ours == pytest.approx(theirs, rel=1e-6) and ours > 0.1
 
 
@@ -68,7 +69,8 @@ def test_precision_recall_density_coverage_agree_with_the_prdc_package(capsys):
     real = torch.randn(300, 8, generator=g, dtype=torch.float64)
     fake = 1.3 * torch.randn(300, 8, generator=g, dtype=torch.float64) + 0.4
     ours = {k: float(v.mean()) for k, v in metrics.prdc_indicators(real, fake).items()}
-    r, f = (x.numpy() for x in metrics.standardised(real, fake))
+    mu, sd = real.numpy().mean(0), real.numpy().std(0, ddof=1)           # the real set's units, written out here
+    r, f = (real.numpy() - mu) / sd, (fake.numpy() - mu) / sd
     theirs = {**{k: v for k, v in compute_prdc(r, f, 5).items() if k in ("density", "coverage")},
               **{k: v for k, v in compute_prdc(r, f, 3).items() if k in ("precision", "recall")}}
     capsys.readouterr()                                                # prdc prints the set sizes
@@ -566,6 +568,19 @@ def test_reproduce_seeds_writes_pooled_verdicts_and_an_interrupted_run_resumes(t
     other["protocol"]["ruler_hash"] = "0123456789abcdef"                   # measured with another ruler
     (kept / "seed1.json").write_text(json.dumps(other))
     assert rp.main(["pool", str(kept)]) == 2 and "different classifier rulers" in capsys.readouterr().err
+    (kept / "seed1.json").write_text((kept / "seed0.json").read_text())    # a seed twice, under another name
+    assert rp.main(["pool", str(kept)]) == 2 and "training seed 0, not 1" in capsys.readouterr().err
+    (kept / "seed1.json").write_text((tmp_path / "s" / "seed1" / "results.json").read_text())
+    other = json.loads((kept / "seed1.json").read_text())
+    other["settings"]["stage2_steps"] += 1
+    (kept / "seed1.json").write_text(json.dumps(other))
+    assert rp.main(["pool", str(kept)]) == 2 and "another settings.stage2_steps" in capsys.readouterr().err
+    (kept / "seed0-stage2-1000.json").write_text("{}")
+    (kept / "seed1.json").write_text((tmp_path / "s" / "seed1" / "results.json").read_text())
+    assert rp.main(["pool", str(kept)]) == 0 and "not pooled" in capsys.readouterr().out   # named, not pooled
+    assert rp.main(["pool", str(kept.parent)]) == 0
+    (kept.parent / "seed0.json").write_text("{}")                              # seeds beside steps folders
+    assert rp.main(["pool", str(kept.parent)]) == 2 and "pool each on its own" in capsys.readouterr().err
 
 
 def test_stage2_seeds_reuse_the_first_seeds_stage_1_weights_and_train_their_own_stage_2(tmp_path):
@@ -1252,13 +1267,18 @@ def test_the_comparison_picture_names_every_class_in_full_however_long(tmp_path)
     assert widths["animals_and_nature"] - widths["a"] >= text + 12 - 70 > 0      # the margin grew to hold the name
 
 
-def test_the_tradeoff_picture_draws_the_sweeps_with_their_intervals_and_without_them(tmp_path):
+def test_the_tradeoff_picture_draws_the_sweeps_with_their_intervals_and_without_them(tmp_path, monkeypatch):
     point = lambda w, v: {"cfg_scale": w, **{k: v for k in ("fd", "precision", "recall")},
                           **{k + "_ci": [v - 0.1, v + 0.1] for k in ("fd", "precision", "recall")}}
     res = {"guidance_sweep": [point(1.0, 0.5), point(2.0, 0.3)], "sp_guidance_sweep": [point(1.0, 0.6), point(2.0, 0.4)],
            "sweep_prdc_ceiling": {"precision": 0.8, "recall": 0.8}, "protocol": {"features": "classifier"},
            "settings": {"sweep_n": 150}}
+    import matplotlib.axes
+    drawn, real_errorbar = [], matplotlib.axes.Axes.errorbar
+    monkeypatch.setattr(matplotlib.axes.Axes, "errorbar", lambda self, x, y, yerr=None, **kw:
+                        drawn.append(yerr) or real_errorbar(self, x, y, yerr=yerr, **kw))
     report.tradeoff_picture(res, str(tmp_path / "t.png"))
+    assert len(drawn) == 6 and all(np.allclose(e, 0.1) for e in drawn)         # 3 panels x 2 curves, each its interval
     old = {**res, "guidance_sweep": [{k: v for k, v in p.items() if not k.endswith("_ci")} for p in res["guidance_sweep"]]}
     report.tradeoff_picture(old, str(tmp_path / "old.png"))                  # results written before the intervals
     from PIL import Image

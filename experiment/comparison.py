@@ -483,31 +483,54 @@ def pooled_result(full, shared=None):
 
 def pool_folder(folder, log=print):
     """Pool results that were kept as files, so that seeds run in different sessions (or on other machines) pool
-    like seeds of one run: folder/seedS.json (each a seed's results.json) -> folder/pooled.json and pooled.md; a
-    folder of stepsL/ folders (a length sweep) -> each pooled, then lengths.md, lengths.json, stage2_length.png.
-    The seeds must share the preset and every setting but the seed. Returns the pooled result or the summary."""
+    like seeds of one run: folder/seedS.json (each a seed's results.json, S its training seed) -> folder/pooled.json
+    and pooled.md, written in place; a folder of stepsL/ folders (a length sweep) -> each pooled, then lengths.md,
+    lengths.json, stage2_length.png. The seeds must be distinct, share the preset and every setting but the seed,
+    and have been measured with one ruler (pooled_result); a stage 1 trained per seed must differ between them.
+    Files it does not pool (runs on a shared stage 1, anything else) are named. Returns the pooled result or the
+    summary."""
     if not os.path.isdir(folder):
         raise UsageError(f"pool: {folder!r} is not a folder")
-    lengths = sorted(int(d[5:]) for d in os.listdir(folder) if d.startswith("steps") and d[5:].isdigit())
+    entries = sorted(os.listdir(folder))
+    lengths = sorted(int(d[5:]) for d in entries if d.startswith("steps") and d[5:].isdigit())
+    names = sorted((int(f[4:-5]), f) for f in entries if f.startswith("seed") and f.endswith(".json")
+                   and f[4:-5].isdigit())
+    if lengths and names:
+        raise UsageError(f"pool: {folder!r} holds both seedS.json files and stepsL/ folders: pool each on its own")
     if lengths:
         return write_length_summary(folder, {L: pool_folder(os.path.join(folder, f"steps{L}"), log) for L in lengths},
                                     log)
-    names = sorted((int(f[4:-5]), f) for f in os.listdir(folder) if f.startswith("seed") and f.endswith(".json")
-                   and f[4:-5].isdigit())
     if not names:
         raise UsageError(f"pool: {folder!r} holds neither seedS.json result files nor stepsL/ folders of them")
+    left = [f for f in entries if f.endswith(".json") and f not in {n for _, n in names} and f != "pooled.json"]
+    if left:
+        log(f"pool: not pooled (not a full-pipeline seed's seedS.json): {', '.join(left)}")
     full = []
-    for _, f in names:
+    for seed, f in names:
         try:
             with open(os.path.join(folder, f)) as fh:
-                full.append(json.load(fh))
-            other = [k for k in ("preset", "settings") if full[-1][k] != full[0][k]] + [
-                k for k in full[0]["train"] if k != "seed" and full[-1]["train"].get(k) != full[0]["train"][k]]
+                r = json.load(fh)
+            first = full[0] if full else r
+            other = [k for k in ("preset",) if r[k] != first[k]] + [
+                f"settings.{k}" for k in sorted(set(r["settings"]) | set(first["settings"]))
+                if r["settings"].get(k) != first["settings"].get(k)] + [
+                k for k in sorted(set(r["train"]) | set(first["train"])) if k != "seed"
+                and r["train"].get(k) != first["train"].get(k)]
+            misnamed = r["train"]["seed"] != seed
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise UsageError(f"pool: cannot read {os.path.join(folder, f)} as a seed's results ({type(e).__name__})")
+        if misnamed:
+            raise UsageError(f"pool: {f} holds the results of training seed {r['train']['seed']}, not {seed}")
         if other:
             raise UsageError(f"pool: {f} was run with another {', '.join(other)} than {names[0][1]}: it does not pool")
-    pooled = pooled_result(full)
+        full.append(r)
+    stage1 = [r["stage_hashes"].get("mse") for r in full if r.get("stage1_source") == "trained"]
+    if len(set(stage1)) < len(stage1):
+        raise UsageError("pool: two seeds hold the same trained stage 1: they are not independent training runs")
+    try:
+        pooled = pooled_result(full)
+    except (KeyError, TypeError, IndexError) as e:                 # a file of another shape than results.json
+        raise UsageError(f"pool: the files in {folder!r} are not all a seed's results ({type(e).__name__}: {e})")
     write_outputs(folder, {"pooled.json": json.dumps(pooled, indent=1), "pooled.md": pooled_markdown(pooled)}, log)
     log(f"wrote {folder}/pooled.md and pooled.json ({len(full)} seeds: {', '.join(f for _, f in names)})")
     return pooled

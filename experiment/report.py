@@ -67,7 +67,10 @@ def tradeoff_picture(res, path):
     """The guidance trade-off (guidance_tradeoff.png): Frechet distance, precision and recall (1st ruler) against
     the guidance scale w for the MSE model and the self-perceptual model, from the sweeps (w = 1: unguided), each
     point with its 95% bootstrap interval over the sweep's samples (where the sweep stored it), the unguided
-    self-perceptual point ringed and the real-vs-real ceiling of precision and recall dashed."""
+    self-perceptual point ringed and the real-vs-real ceiling of precision and recall dashed. The bars are the
+    sampling error of one training run alone (every w shares the sweep's seed; the chosen w is the one whose FD
+    was lowest on these same samples, so its bar is optimistic); two overlapping bars are not a test: the paired
+    verdicts of results.md are."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -88,8 +91,8 @@ def tradeoff_picture(res, path):
         ax.set_xlabel("guidance scale w")
         ax.set_title(f"Frechet distance ({res['protocol']['features']})" if key == "fd" else key, fontsize=10)
     axes[0].legend(fontsize=7)
-    fig.suptitle(f"guidance sweeps: {res['settings']['sweep_n']} samples per point, 95% bootstrap intervals",
-                 fontsize=9)
+    fig.suptitle(f"guidance sweeps of one training run: {res['settings']['sweep_n']} samples per point, 95% "
+                 "bootstrap intervals of its sampling error (not a test: see the paired verdicts)", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
