@@ -13,15 +13,15 @@ The file reads top to bottom beside the papers:
   4. the objectives: v-MSE and self-perceptual (Perceptual Loss paper, Alg. 1)
   5. DDIM sampling, trailing timesteps, classifier-free guidance with rescale (Common Diffusion, sec. 3.3-3.4)
   6. data, checkpoints and training (one plain function; DDP when launched by torchrun)
-  7. command line: train, sample, bench
+  7. command line: train, sample
 It needs no other file of this project. The measurement (rulers, intervals, the paper's comparison in one
-command, evaluate, gpucheck) is reproduce.py, which imports this file.
+command, evaluate, bench, gpucheck) is reproduce.py, which imports this file.
 
 Run (the built-in `shapes` data needs no network):
   python perceptual_diffusion.py train --loss mse --out runs/mse   # stage 1
   python perceptual_diffusion.py train --loss self-perceptual --init runs/mse/ckpt.pt --out runs/sp   # stage 2
   python perceptual_diffusion.py sample --ckpt runs/sp/ckpt.pt --n 64 --out grid.png
-  python perceptual_diffusion.py bench                             # parameters, training and sampling speed
+  python reproduce.py bench                                        # parameters, training and sampling speed
   python reproduce.py                                              # the paper's comparison (3-15 min, 2 CPU cores)
 On several GPUs (data parallel; --batch-size is the global batch):
   torchrun --standalone --nproc_per_node=8 perceptual_diffusion.py train --data cifar10 --loss mse ...
@@ -1343,83 +1343,8 @@ def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
 
 
 # =================================================================================================
-#                  7. Command line: train, sample, and bench (where the time goes)
+#                               7. Command line: train and sample
 # =================================================================================================
-
-def step_times(cfg, iters, sample_steps):
-    """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch for
-    sample_steps DDIM steps, unguided and guided: after a warm-up (and compilation), on cfg's model and device."""
-    cfg = {**TRAIN_DEFAULTS, **cfg, "num_classes": 10}
-    check_config(cfg)
-    device, B, S = torch.device(cfg["device"]), cfg["batch_size"], cfg["image_size"]
-    torch.manual_seed(0)
-    model = UNet(**model_kwargs(cfg)).to(device)
-    perceptual_net = frozen_copy(model)
-    net = torch.compile(model) if cfg["compile"] else model
-    schedule, amp = schedule_from(cfg), autocast(device, cfg["precision"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x0, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
-
-    first = []
-
-    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
-
-    def timed(fn, n):
-        t0 = time.time()
-        fn()                                                       # warm-up (and compilation)
-        sync()
-        first.append(time.time() - t0)
-        t0 = time.time()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.time() - t0) / n
-
-    def train_step(loss):
-        loss_of = objective(loss, net, perceptual_net, schedule)
-
-        def step():
-            with amp:
-                l = loss_of(x0, y)
-            l.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    def sampler(w):
-        def run():
-            with amp:
-                sample(net, schedule, (B, 3, S, S), y, steps=sample_steps, cfg_scale=w)
-        return run
-
-    t = {"mse": timed(train_step("mse"), iters), "self-perceptual": timed(train_step("self-perceptual"), iters)}
-    model.eval()
-    t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), cfg=cfg, first_step_seconds=first[0],
-             params=sum(p.numel() for p in model.parameters()))
-    return t
-
-
-def bench(cfg, iters=5, log=print):
-    """Parameter count, training images/s with each objective (and their ratio), and sampling images/s at
-    50 DDIM steps without and with guidance."""
-    t = step_times(cfg, iters, 50)
-    cfg, B = t["cfg"], t["cfg"]["batch_size"]
-    res = {"params": t["params"], "device": cfg["device"], "batch": B, "precision": cfg["precision"],
-           "threads": torch.get_num_threads(), "train_img_s_mse": B / t["mse"],
-           "train_img_s_self_perceptual": B / t["self-perceptual"], "self_perceptual_step_ratio": t["self-perceptual"] / t["mse"],
-           "sample_img_s_50_steps": B / t["unguided"], "sample_img_s_50_steps_guided": B / t["guided"],
-           "guided_step_ratio": t["guided"] / t["unguided"], "max_forward_batch": max_forward_batch(cfg["device"]),
-           "first_step_seconds": t["first_step_seconds"]}
-    log(f"model {res['params'] / 1e6:.2f}M parameters | {cfg['device']}, batch {B}, precision {cfg['precision']}, "
-        f"{res['threads']} threads")
-    for what, key, extra in (("train  mse            ", "train_img_s_mse", ""), ("train  self-perceptual",
-                             "train_img_s_self_perceptual", f"(step cost {res['self_perceptual_step_ratio']:.2f}x mse)"),
-                             ("sample 50 steps       ", "sample_img_s_50_steps", ""), ("sample 50 steps, cfg  ",
-                             "sample_img_s_50_steps_guided", f"(step cost {res['guided_step_ratio']:.2f}x unguided; "
-                             f"forwards chunked to {res['max_forward_batch']})")):
-        log(f"{what} {res[key]:8.1f} img/s   {extra}".rstrip())
-    return res
-
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and exit code 2 (not a usage block)."""
@@ -1478,13 +1403,12 @@ def add_sampling_args(p):
 
 
 def build_parser():
-    """The command line: train, sample, bench. Every numeric flag's range is its type."""
+    """The command line: train and sample. Every numeric flag's range is its type."""
     parser = Parser(prog="perceptual_diffusion.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     p = sub.add_parser("train", help="train a model (stage 1: --loss mse; stage 2: --loss self-perceptual --init)")
     add_train_args(p)
-    p.add_argument("--estimate", action="store_true", help="time a few steps and print the projected training time; train nothing")
     p = sub.add_parser("sample", help="sample a grid (PNG) and/or an .npz from a checkpoint")
     add_sampling_args(p)
     p.add_argument("--n", type=POS_INT, default=64, help="number of samples (default: 64)")
@@ -1492,10 +1416,6 @@ def build_parser():
                    "label, i.e. unconditional (default: cycle through the classes)")
     p.add_argument("--out", default="grid.png", help="image grid to write (default: grid.png; '' for none)")
     p.add_argument("--npz", default="", help="also write uint8 NHWC images (arr_0) and labels, as FID tools read")
-    p = sub.add_parser("bench", help="parameters, training and sampling images/s for the model flags")
-    add_train_args(p, {"image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
-                       "batch_size", "device", "precision", "compile"})
-    p.add_argument("--iters", type=POS_INT, default=5, help="timed training steps per objective (default: 5)")
     return parser
 
 
@@ -1546,15 +1466,9 @@ def run_command(parser, argv, dispatch, needed):
 
 
 def run_train(args):
-    """`train`: one run (under torchrun, this rank's share), or with --estimate its projected time only."""
+    """`train`: one run (under torchrun, this rank's share)."""
     cfg = vars(args).copy()
     cfg.pop("command")
-    if cfg.pop("estimate"):
-        check_config(cfg)
-        t = step_times(cfg, iters=3, sample_steps=1)
-        print(f"estimate: {cfg['steps']} {cfg['loss']} steps at {t[cfg['loss']]:.3f} s each (measured over 3 "
-              f"steps on {cfg['device']}): {cfg['steps'] * t[cfg['loss']] / 60:.1f} min of training")
-        return
     train(cfg)
     if dist.is_initialized():
         dist.barrier()                                             # no rank tears down while another still talks
@@ -1582,9 +1496,9 @@ def main(argv=None):
     if argv and argv[0] in MOVED:
         print(f"error: {argv[0]} is a command of reproduce.py now: python reproduce.py {' '.join(argv)}", file=sys.stderr)
         return 2
-    commands = {"train": run_train, "sample": run_sample, "bench": lambda args: bench(vars(args), args.iters) and None}
+    commands = {"train": run_train, "sample": run_sample}
     return run_command(build_parser(), argv, lambda args: commands[args.command](args),
-                       "train, sample or bench (the paper's comparison: python reproduce.py)")
+                       "train or sample (the paper's comparison: python reproduce.py)")
 
 
 if __name__ == "__main__":

@@ -717,7 +717,7 @@ def test_every_out_of_range_numeric_flag_is_one_line_and_exit_code_2_before_any_
 def test_the_parser_walk_covers_every_numeric_flag_of_every_subcommand():
     covered = {(c, f) for c, f, _ in numeric_flags()}
     assert {("train", "--lr"), ("train", "--warmup"), ("train", "--grad-clip"), ("sample", "--n"), ("sample", "--eta"),
-            ("sample", "--batch"), ("sample", "--cfg-interval"), ("bench", "--iters"), ("bench", "--batch-size")} <= covered
+            ("sample", "--batch"), ("sample", "--cfg-interval")} <= covered
 
 
 def unwritable_output_refused(module, argv, message, tmp_path, monkeypatch, capsys, loaders=()):
@@ -939,15 +939,6 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "stopped by signal" in out and "--resume" in out
     step = pd.load_checkpoint(str(run / "ckpt.pt"))["step"]
     assert 2 <= step < 100000
-
-
-# ------------------------------------------ evaluation -----------------------------------------
-
-def test_bench_reports_throughputs_and_ratios():
-    res = pd.bench(dict(image_size=8, channels=8, channel_mult="1,2", attn_res="4", batch_size=4, device="cpu"),
-                   iters=1, log=lambda s: None)
-    assert res["params"] > 0 and res["train_img_s_mse"] > 0 and res["sample_img_s_50_steps_guided"] > 0
-    assert res["self_perceptual_step_ratio"] > 0 and res["guided_step_ratio"] > 0
 
 
 # -------------------------------------------- DDP ---------------------------------------------

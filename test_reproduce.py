@@ -300,8 +300,6 @@ def test_estimate_projects_every_stage_without_training(tmp_path, monkeypatch, c
     assert rp.main(["reproduce", "--preset", "smoke", "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "stage 1" in out and "total" in out and os.listdir(tmp_path) == []      # nothing trained or written
-    assert pd.main(["train", "--estimate", "--steps", "1000", *TINY_FLAGS]) == 0
-    assert "min of training" in capsys.readouterr().out and os.listdir(tmp_path) == []
 
 
 @pytest.fixture(scope="module")
@@ -1153,3 +1151,21 @@ def test_the_length_sweep_trains_each_seeds_stage_1_once_for_every_length(tmp_pa
     assert sum(line.startswith("[steps1]") and "[mse] mse on shapes" in line for line in logs) == 1   # trained once
     assert sum(line.startswith("[steps2]") and f"reusing the finished run in {stage1}" in line for line in logs) == 1
     assert summary["lengths"] == [1, 2] and (tmp_path / "L" / "lengths.md").exists()
+
+
+# ------------------- moved from test_perceptual_diffusion.py with the functions they test -------------------
+
+def test_bench_reports_throughputs_and_ratios(capsys):
+    res = tools.bench(dict(image_size=8, channels=8, channel_mult="1,2", attn_res="4", batch_size=4, device="cpu"),
+                      iters=1, log=lambda s: None)
+    assert res["params"] > 0 and res["train_img_s_mse"] > 0 and res["sample_img_s_50_steps_guided"] > 0
+    assert res["self_perceptual_step_ratio"] > 0 and res["guided_step_ratio"] > 0
+    assert rp.main(["bench", "--image-size", "8", "--channels", "8", "--channel-mult", "1,2", "--attn-res", "4",
+                    "--batch-size", "4", "--device", "cpu", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "train  self-perceptual" in out and "sample 50 steps, cfg" in out
+
+
+def test_bench_is_a_command_of_reproduce_py_with_the_model_flags_and_their_ranges():
+    covered = {(c, f) for c, f, _ in numeric_flags(rp)}
+    assert {("bench", "--iters"), ("bench", "--batch-size"), ("bench", "--image-size"), ("bench", "--dropout")} <= covered
