@@ -1487,15 +1487,9 @@ def run_sample(args):
     print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
 
 
-MOVED = ("reproduce", "evaluate", "gpucheck", "pretrain")        # commands of reproduce.py
-
-
 def main(argv=None):
-    """Run one command of this file; the comparison's commands name reproduce.py."""
+    """Run one command of this file (the comparison's commands are reproduce.py's)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in MOVED:
-        print(f"error: {argv[0]} is a command of reproduce.py now: python reproduce.py {' '.join(argv)}", file=sys.stderr)
-        return 2
     commands = {"train": run_train, "sample": run_sample}
     return run_command(build_parser(), argv, lambda args: commands[args.command](args),
                        "train or sample (the paper's comparison: python reproduce.py)")

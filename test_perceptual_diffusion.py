@@ -918,11 +918,11 @@ def test_the_file_copied_alone_into_an_empty_folder_trains_and_samples_a_grid_an
     assert sorted(os.listdir(alone)) == ["grid.png", "perceptual_diffusion.py", "run", "s.npz"]
 
 
-@pytest.mark.parametrize("command", ["reproduce", "evaluate", "gpucheck"])
-def test_the_comparisons_commands_name_reproduce_py_in_one_line_and_exit_2(command, capsys):
+@pytest.mark.parametrize("command", ["reproduce", "evaluate", "gpucheck", "bench"])
+def test_the_comparisons_commands_are_an_invalid_choice_here_in_one_line_and_exit_2(command, capsys):
     assert pd.main([command, "--preset", "smoke"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"python reproduce.py {command} --preset smoke" in err
+    assert err.count("\n") == 1 and f"invalid choice: '{command}'" in err
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
