@@ -575,12 +575,8 @@ def load_dataset(name, data_dir="data", image_size=32, train=True, seed=0):
     y = torch.tensor(ds.targets)
     if len(ds.classes) < 2:
         raise UsageError(f"--data {name!r} has {len(ds.classes)} class folder(s); the comparison needs at least 2")
-    held = heldout_split(y, seed)
-    if train:
-        return x[~held], y[~held], list(ds.classes), True
-    keep = held.nonzero().flatten()
-    keep = keep[stratified_order(y[keep], seed)]               # ImageFolder lists class by class: the rulers take
-    return x[keep], y[keep], list(ds.classes), True            # prefixes, and each prefix must hold every class
+    keep = heldout_split(y, seed) != train                     # the held-out share, or (train) all the rest
+    return x[keep], y[keep], list(ds.classes), True
 
 
 def check_data(name):
@@ -601,18 +597,6 @@ def heldout_split(y, seed):
         k = max(1, round(FOLDER_HELDOUT * len(idx))) if len(idx) > 1 else 0
         held[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
     return held
-
-
-def stratified_order(y, seed):
-    """A seeded order of labels y in which every prefix holds each class in proportion (within about 1.5 images):
-    position k takes the class furthest behind k n_c / N, each class's images in a seeded random order."""
-    g, classes = torch.Generator().manual_seed(seed), y.unique().tolist()
-    pools = {c: (y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)].tolist() for c in classes}
-    n, order = {c: len(pools[c]) for c in classes}, []
-    for k in range(1, len(y) + 1):
-        c = max((c for c in classes if pools[c]), key=lambda c: k * n[c] / len(y) - (n[c] - len(pools[c])))
-        order.append(pools[c].pop())
-    return torch.tensor(order)
 
 
 def to_model_range(x_uint8):

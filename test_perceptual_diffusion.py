@@ -1112,21 +1112,6 @@ def make_folder(path, classes=2, per_class=40, size=20):
     return str(path)
 
 
-def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(tmp_path):
-    for sizes in ([500, 300, 200], [1000] + [10] * 19, [500, 500] + [1] * 30):   # ImageFolder's order: class by class
-        y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
-        order = pd.stratified_order(y, seed=3)
-        assert sorted(order.tolist()) == list(range(len(y)))               # a permutation
-        share = torch.tensor(sizes, dtype=torch.float64) / len(y)
-        counts = F.one_hot(y[order], len(sizes)).double().cumsum(0)        # (prefix length, class)
-        prefix = torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]
-        assert (counts - prefix * share).abs().max() <= 1.5, sizes        # every prefix, every class
-    assert not torch.equal(order, pd.stratified_order(y, seed=4))  # seeded
-    folder = make_folder(tmp_path / "f", classes=3, per_class=30)  # through load_dataset, as the rulers read it
-    _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)
-    assert sorted(held_y[:3].tolist()) == [0, 1, 2]
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--cooldown", "0.5", "--final-lr", "0.01", "--lr", "0.001"], "--final-lr 0.01 is above --lr 0.001"),
     (["--guide-at", "11", "--steps", "10"], "--guide-at 11 is past the last step (10)"),

@@ -1169,3 +1169,21 @@ def test_bench_reports_throughputs_and_ratios(capsys):
 def test_bench_is_a_command_of_reproduce_py_with_the_model_flags_and_their_ranges():
     covered = {(c, f) for c, f, _ in numeric_flags(rp)}
     assert {("bench", "--iters"), ("bench", "--batch-size"), ("bench", "--image-size"), ("bench", "--dropout")} <= covered
+
+
+def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(tmp_path):
+    for sizes in ([500, 300, 200], [1000] + [10] * 19, [500, 500] + [1] * 30):   # ImageFolder's order: class by class
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+        order = rulers.stratified_order(y, seed=3)
+        assert sorted(order.tolist()) == list(range(len(y)))               # a permutation
+        share = torch.tensor(sizes, dtype=torch.float64) / len(y)
+        counts = F.one_hot(y[order], len(sizes)).double().cumsum(0)        # (prefix length, class)
+        prefix = torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]
+        assert (counts - prefix * share).abs().max() <= 1.5, sizes        # every prefix, every class
+    assert not torch.equal(order, rulers.stratified_order(y, seed=4))     # seeded
+    folder = make_folder(tmp_path / "f", classes=3, per_class=30)          # through the Ruler, which orders them
+    ruler = rulers.Ruler("classifier", folder, str(tmp_path / "data"), 8, 0, 9, torch.device("cpu"),
+                         classifier_steps=10, log=lambda s: None)
+    assert sorted(ruler.heldout_y[:3].tolist()) == [0, 1, 2]
+    _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)  # the reference's split, in its own order
+    assert sorted(held_y.tolist()) == sorted(ruler.heldout_y.tolist()) and held_y.tolist() == sorted(held_y.tolist())
