@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import perceptual_diffusion as pd
 import reproduce as rp
 from experiment import comparison, metrics, report, rulers, stats, tools
-from test_perceptual_diffusion import (TINY_FLAGS, make_folder, numeric_flags, refused_before_any_work, tiny_train,
+from test_perceptual_diffusion import (make_folder, numeric_flags, refused_before_any_work, tiny_train,
                                        unwritable_output_refused)
 
 def frechet(mu1, cov1, mu2, cov2):
