@@ -401,35 +401,20 @@ def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options
 #             5. DDIM sampling with classifier-free guidance and its rescale (Common Diffusion)
 # =================================================================================================
 
-def max_forward_batch(device):
-    """The largest batch one forward pass should take: a CPU runs a batch of 128 slower per image than two of 64
-    (README: Speed), a GPU takes any batch. Every sampling path goes through this one number."""
-    return 64 if torch.device(device).type == "cpu" else None
-
-
-def forward_chunked(model_fn, x, t, y, max_batch):
-    """model_fn(x, t, y) in chunks of at most max_batch images (in one call when None)."""
-    if max_batch is None or len(x) <= max_batch:
-        return model_fn(x, t, y).float()
-    ys = [None] * len(x) if y is None else y.split(max_batch)
-    return torch.cat([model_fn(xc, tc, yc).float() for xc, tc, yc in zip(x.split(max_batch), t.split(max_batch), ys)])
-
-
-def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, max_batch=None, guide=None):
+def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, guide=None):
     """v for one sampling step. Classifier-free guidance: v_cfg = v_uncond + w (v_cond - v_uncond), both
-    halves in one batched forward of 2N (chunked to max_batch). Rescale (Common Diffusion, sec. 3.4):
+    halves in one batched forward of 2N. Rescale (Common Diffusion, sec. 3.4):
     v_resc = v_cfg * std(v_cond) / std(v_cfg) per sample, then phi v_resc + (1 - phi) v_cfg. w = 1 costs a
     single forward of N. With a `guide` (autoguidance, Karras et al. 2024): the same formula with the guide's
     v in place of v_uncond, D_w = D_guide + w (D_main - D_guide), taken on v (linear in D at fixed x_t), with
     the same label y (None or the null label: unconditional); N forwards of each network."""
     if cfg_scale == 1.0:
-        return forward_chunked(model_fn, x, t, y, max_batch)
+        return model_fn(x, t, y).float()
     if guide is not None:
-        v_cond, v_uncond = forward_chunked(model_fn, x, t, y, max_batch), forward_chunked(guide, x, t, y, max_batch)
+        v_cond, v_uncond = model_fn(x, t, y).float(), guide(x, t, y).float()
     else:
         null = torch.full_like(y, model_fn.num_classes)
-        v_cond, v_uncond = forward_chunked(model_fn, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
-                                           max_batch).chunk(2)
+        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
     v_cfg = v_uncond + cfg_scale * (v_cond - v_uncond)
     if cfg_rescale > 0:
         dims = list(range(1, x.dim()))
@@ -446,7 +431,7 @@ def edm_sigma(alpha_bar_t):
 
 @torch.no_grad()
 def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
-           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), max_batch=None, guide=None):
+           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), guide=None):
     """DDIM (Song et al. 2021) with v-prediction. model_fn(x, t, y) -> v is any callable with a `num_classes`
     attribute. x_T = `noise` (drawn from `generator` on the CPU when None, so results do not depend on the
     device). eta = 0 is deterministic DDIM, eta = 1 the DDPM-like ancestral sampler. The step after the last
@@ -457,7 +442,6 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
         raise ValueError("classifier-free guidance needs labels y")
     params = getattr(model_fn, "parameters", None)
     device = y.device if y is not None else next(params()).device if params else torch.device("cpu")
-    max_batch = max_forward_batch(device) if max_batch is None else max_batch
     x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)  # x_T: (N, C, H, W)
     ts = schedule.timesteps(steps, spacing).tolist()
     alpha_bar = schedule.alpha_bar.tolist()
@@ -467,7 +451,7 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
         ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else 1.0
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         w = cfg_scale if lo < edm_sigma(ab_t) <= hi else 1.0
-        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, max_batch, guide)
+        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, guide=guide)
         x0_hat, eps_hat = schedule.pred_to_x0_eps(x, v, t_batch)
         # DDIM eq. 12: sigma_eta^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev).
         var = eta ** 2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev) if eta > 0 else 0.0
@@ -1305,24 +1289,34 @@ def train(cfg, log=print):
                  "params": n_params, "config": cfg, "model": model, "origin": origin, "stopped": stopped}
 
 
+def max_forward_batch(device):
+    """The largest batch one forward pass should take: a CPU runs a batch of 128 slower per image than two of 64
+    (README: Speed), a GPU takes any batch. Every sampling path goes through this one number (in generate)."""
+    return 64 if torch.device(device).type == "cpu" else None
+
+
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
              batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf), guide=None):
     """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the null
     label num_classes: the unconditional model). Sample i's noise does not depend on `batch` (models are compared
-    from the same x_T); each forward is chunked to max_forward_batch, so `batch` only bounds memory."""
+    from the same x_T). The one place sampling is chunked: each call of `sample` takes at most `batch` images, and
+    few enough that each forward sees at most max_forward_batch images (a guided step's forward is of 2N)."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
     y = None
     if model.num_classes:
         y = torch.arange(n) % model.num_classes if label is None else torch.full((n,), label)
+    limit = max_forward_batch(device)
+    if limit is not None:
+        batch = min(batch, max(1, limit // (2 if cfg_scale != 1.0 and guide is None else 1)))
     out = []
     with autocast(device, precision):
         for i in range(0, n, batch):
             yi = None if y is None else y[i:i + batch].to(device)
-            out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps, cfg_scale, cfg_rescale, eta,
-                              spacing, generator=g, noise=noise[i:i + batch], cfg_interval=cfg_interval,
-                              guide=guide).float().cpu())
+            out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps=steps, cfg_scale=cfg_scale,
+                              cfg_rescale=cfg_rescale, eta=eta, spacing=spacing, generator=g, noise=noise[i:i + batch],
+                              cfg_interval=cfg_interval, guide=guide).float().cpu())
     return torch.cat(out), y
 
 

@@ -440,17 +440,22 @@ def test_guidance_formula_and_rescale_phi_zero_equals_plain_guidance():
     assert torch.allclose(v_half, 0.5 * v1 + 0.5 * v_cfg, atol=1e-5)
 
 
-def test_chunked_guided_sampling_equals_one_batched_forward_and_chunks_to_the_limit():
-    s = pd.Schedule(1000)
-    model = CountingModel(tiny_unet().eval())
-    noise, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    whole = pd.sample(model, s, noise.shape, y, steps=3, cfg_scale=2.5, cfg_rescale=0.7, noise=noise, max_batch=1000)
-    assert model.batches == [12] * 3
-    model.batches.clear()
-    chunked = pd.sample(model, s, noise.shape, y, steps=3, cfg_scale=2.5, cfg_rescale=0.7, noise=noise, max_batch=5)
-    assert model.batches == [5, 5, 2] * 3
-    assert torch.allclose(whole, chunked, atol=1e-5)
+def test_generate_chunks_each_forward_to_the_limit_a_guided_one_to_half_as_many_images_and_results_agree(monkeypatch):
     assert pd.max_forward_batch("cpu") == 64 and pd.max_forward_batch("cuda") is None
+    s, model, seen = pd.Schedule(1000), tiny_unet().eval(), []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    guided = dict(cfg_scale=2.5, cfg_rescale=0.7, seed=1)
+    whole, y = pd.generate(model, s, 12, 3, **guided)
+    assert seen == [24] * 3                                        # one call of 12 images, a forward of 2N per step
+    seen.clear()
+    monkeypatch.setattr(pd, "max_forward_batch", lambda device: 10)
+    chunked, y2 = pd.generate(model, s, 12, 3, **guided)
+    assert seen == [10] * 6 + [4] * 3                              # calls of 5, 5 and 2 images
+    assert torch.allclose(whole, chunked, atol=1e-5) and torch.equal(y, y2)
+    seen.clear()
+    pd.generate(model, s, 12, 3, seed=1)                           # unguided: calls of 10 and 2
+    pd.generate(model, s, 12, 3, seed=1, batch=4)                  # `batch` bounds a call too
+    assert seen == [10] * 3 + [2] * 3 + [4] * 9
 
 
 def test_guidance_interval_covering_every_step_is_plain_guidance_and_an_empty_one_is_unguided():

@@ -15,7 +15,7 @@ import torch
 
 import perceptual_diffusion
 from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_config, frozen_copy, load_checkpoint,
-                                  max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective, sample,
+                                  generate, max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective,
                                   save_checkpoint, schedule_from, train, writable_dir)
 from .comparison import (ABLATIONS, BOOKKEEPING_KEYS, PRESETS, PRETRAINED, PRETRAINED_DIR, ROWS, preset_settings,
                          print_commands, reproduce, run_stage, stage1_settings, train_flags, write_outputs)
@@ -129,11 +129,8 @@ def step_times(cfg, iters, sample_steps):
             opt.zero_grad(set_to_none=True)
         return step
 
-    def sampler(w):
-        def run():
-            with amp:
-                sample(net, schedule, (B, 3, S, S), y, steps=sample_steps, cfg_scale=w)
-        return run
+    def sampler(w):                                                # as every sampling path: through generate
+        return lambda: generate(net, schedule, B, sample_steps, cfg_scale=w, precision=cfg["precision"])
 
     t = {"mse": timed(train_step("mse"), iters), "self-perceptual": timed(train_step("self-perceptual"), iters)}
     model.eval()
