@@ -31,7 +31,6 @@ import copy
 import datetime
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
@@ -45,10 +44,6 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class UsageError(Exception):
-    """A problem with what the user typed or pointed at: printed as one line, exit code 2."""
 
 
 # =================================================================================================
@@ -229,9 +224,7 @@ class UNet(nn.Module):
                  attn_resolutions=(8,), dropout=0.0, num_classes=10):
         super().__init__()
         levels = len(channel_mult)
-        if image_size % 2 ** (levels - 1):
-            raise UsageError(f"image size {image_size} cannot be halved {levels - 1} times down to the UNet's "
-                             f"deepest level (channel_mult has {levels} levels): use a multiple of {2 ** (levels - 1)}")
+        assert image_size % 2 ** (levels - 1) == 0, f"image size {image_size} cannot be halved {levels - 1} times"
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         emb_dim = 4 * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -465,6 +458,10 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
 #                                 6a. Data: shapes, CIFAR-10, a folder
 # =================================================================================================
 
+class UsageError(Exception):
+    """A problem with what the user typed or pointed at: printed as one line, exit code 2."""
+
+
 SHAPE_NAMES = ["circle", "square", "triangle", "diamond", "plus", "ring", "cross", "star", "bar", "crescent"]
 
 
@@ -643,7 +640,7 @@ def model_from_checkpoint(ckpt, weights="ema"):
     """The UNet described by the checkpoint's config, with its EMA (default) or raw weights."""
     try:
         model = UNet(**model_kwargs(ckpt["config"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
         raise UsageError(f"the checkpoint's config is incomplete or malformed ({type(e).__name__}: {e})")
     load_weights(model, ckpt[weights], f"the checkpoint's {weights} weights")
     return model
@@ -688,8 +685,8 @@ def writable_file(path, flag, extensions):
 #                     6c. Training: one plain function; DDP when launched by torchrun
 # =================================================================================================
 
-# Valid ranges, declared once beside each flag: each is an argparse `type` (a bad value is one line naming the
-# flag, the value and the range; exit code 2) and train() checks a config given in Python with the same function.
+# Valid ranges, declared once beside each flag as its argparse `type` (a bad value is one line naming the flag, the
+# value and the range; exit code 2). The rules that tie flags together are check_flags, at the command line's door.
 def ranged(kind, ok, what):
     """A parser of `kind` (int or float) whose values must satisfy ok(v); `what` names the range in messages."""
     def parse(text):
@@ -755,21 +752,20 @@ def INT_LIST(text):
 
 # Every hyperparameter of `train`: name, default, valid values (a parser above, a tuple of choices, or None for
 # free text and switches), one line of help. The command line is built from this table, and a checkpoint stores
-# the whole config. Model defaults come from UNet's signature.
-_unet = inspect.signature(UNet).parameters
+# the whole config. The model defaults are UNet's (a test holds them equal), so UNet() is the default model.
 TRAIN_ARGS = [
     # data
     ("data", "shapes", None, "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class subfolders"),
     ("data_dir", "data", None, "where cifar10 is downloaded to / read from"),
-    ("image_size", _unet["image_size"].default, POS_INT, "image side in pixels"),
+    ("image_size", 32, POS_INT, "image side in pixels"),
     ("no_flip", False, None, "no random horizontal flips (for data that must not be mirrored, such as digits)"),
     ("unconditional", False, None, "ignore the labels: an unconditional model (guidance is then impossible)"),
     # model
-    ("channels", _unet["channels"].default, POS_INT, "UNet base channels"),
-    ("channel_mult", ",".join(map(str, _unet["channel_mult"].default)), INT_LIST, "channel multiplier per resolution level, comma-separated"),
-    ("num_res_blocks", _unet["num_res_blocks"].default, POS_INT, "residual blocks per level"),
-    ("attn_res", ",".join(map(str, _unet["attn_resolutions"].default)), INT_LIST, "resolutions (pixels) with self-attention, comma-separated"),
-    ("dropout", _unet["dropout"].default, PROB, "dropout in the residual blocks"),
+    ("channels", 32, POS_INT, "UNet base channels"),
+    ("channel_mult", "1,2,2", INT_LIST, "channel multiplier per resolution level, comma-separated"),
+    ("num_res_blocks", 1, POS_INT, "residual blocks per level"),
+    ("attn_res", "8", INT_LIST, "resolutions (pixels) with self-attention, comma-separated"),
+    ("dropout", 0.0, PROB, "dropout in the residual blocks"),
     # diffusion
     ("T", 1000, POS_INT, "training timesteps"),
     ("betas", "scaled_linear", ("scaled_linear", "linear", "cosine"), "beta schedule (scaled_linear is the paper's); always rescaled to zero terminal SNR"),
@@ -889,26 +885,18 @@ def rank0_first(world, fn):
     return result if dist.get_rank() == 0 else fn()
 
 
-def check_value(flag, check, value):
-    """One value against its declared range (a tuple of choices, a parser from ranged(), or None): UsageError if not."""
-    if isinstance(check, tuple) and value not in check:
-        raise UsageError(f"argument {flag}: must be one of {', '.join(check)}, got {value!r}")
-    if callable(check):
-        try:
-            check(value)
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(f"argument {flag}: {e}")
-
-
-def check_config(cfg):
-    """Every value against the range TRAIN_ARGS declares for it, then the rules that tie flags together: a bad
-    value is one line and exit code 2 (via UsageError), before any work."""
-    for name, _, check, _ in TRAIN_ARGS:
-        check_value("--" + name.replace("_", "-"), check, cfg[name])
+def check_flags(cfg):
+    """The rules that tie flags together (each flag's own range is its argparse type): a config that breaks one is
+    refused in one line, exit code 2 (UsageError), before any work. train's command line checks here, and so do the
+    experiment's presets; train() itself asserts only what it relies on."""
+    levels = len(int_list(cfg["channel_mult"]))
     if cfg["loss"] == "self-perceptual" and not cfg["init"] and not cfg["resume"]:
         raise UsageError("--loss self-perceptual needs --init STAGE1_RUN/ckpt.pt (a model trained with --loss mse)")
-    if not int_list(cfg["channel_mult"]):
+    if not levels:
         raise UsageError("--channel-mult needs at least one level, such as 1,2,2")
+    if cfg["image_size"] % 2 ** (levels - 1):
+        raise UsageError(f"--image-size {cfg['image_size']} cannot be halved {levels - 1} times down to the UNet's "
+                         f"deepest level (--channel-mult has {levels} levels): use a multiple of {2 ** (levels - 1)}")
     if cfg["cooldown"] and cfg["final_lr"] > cfg["lr"]:
         raise UsageError(f"--final-lr {cfg['final_lr']:g} is above --lr {cfg['lr']:g}: a cool-down lowers the rate")
     if cfg["precision"] == "bf16" and torch.device(cfg["device"]).type == "mps":
@@ -1060,7 +1048,7 @@ def train(cfg, log=print):
     rank holds the same weights after each step; rank 0 alone logs, samples and writes checkpoints. An --out that
     holds a checkpoint is continued (or, finished, left as it is) when it is the same run, else refused."""
     cfg = {**TRAIN_DEFAULTS, **cfg}
-    check_config(cfg)
+    assert cfg["loss"] == "mse" or cfg["init"] or cfg["resume"], "self-perceptual needs --init (see check_flags)"
     cfg["sp_with_mse"] = SP_LAMBDA(cfg["sp_with_mse"])
     rank, world, local_rank = distributed()
     device = torch.device(cfg["device"])
@@ -1444,9 +1432,10 @@ def run_command(parser, argv, dispatch, needed):
 
 
 def run_train(args):
-    """`train`: one run (under torchrun, this rank's share)."""
+    """`train`: one run (under torchrun, this rank's share), its flags' rules checked first (check_flags)."""
     cfg = vars(args).copy()
     cfg.pop("command")
+    check_flags({**TRAIN_DEFAULTS, **cfg})
     train(cfg)
     if dist.is_initialized():
         dist.barrier()                                             # no rank tears down while another still talks

@@ -163,8 +163,10 @@ def test_features_skip_the_up_path():
     [h.remove() for h in hooks]
 
 
-def test_image_size_the_unet_cannot_halve_is_a_usage_error():
+def test_image_size_the_unet_cannot_halve_is_refused_at_the_door_and_asserted_by_the_model():
     with pytest.raises(pd.UsageError, match="cannot be halved"):
+        pd.check_flags({**pd.TRAIN_DEFAULTS, "image_size": 30, "channel_mult": "1,2,2"})
+    with pytest.raises(AssertionError, match="cannot be halved"):
         pd.UNet(image_size=30, channel_mult=(1, 2, 2))
 
 
@@ -1151,7 +1153,7 @@ def test_mps_is_accepted_where_torch_has_it_and_refused_in_one_line_where_not(mo
     assert "MPS is not available on this machine" in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(pd.UsageError, match="bf16 is not supported on mps"):
-        pd.check_config({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
+        pd.check_flags({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
     assert pd.resolve_precision("mps", "auto") == "fp32"
 
 

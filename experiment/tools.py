@@ -14,7 +14,7 @@ import time
 import torch
 
 import perceptual_diffusion
-from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_config, frozen_copy, load_checkpoint,
+from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_flags, frozen_copy, load_checkpoint,
                                   generate, max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective,
                                   save_checkpoint, schedule_from, train, writable_dir)
 from .comparison import (ABLATIONS, BOOKKEEPING_KEYS, PRESETS, PRETRAINED, PRETRAINED_DIR, ROWS, preset_settings,
@@ -93,7 +93,7 @@ def step_times(cfg, iters, sample_steps):
     """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch for
     sample_steps DDIM steps, unguided and guided: after a warm-up (and compilation), on cfg's model and device."""
     cfg = {**TRAIN_DEFAULTS, **cfg, "num_classes": 10}
-    check_config(cfg)
+    check_flags(cfg)
     device, B, S = torch.device(cfg["device"]), cfg["batch_size"], cfg["image_size"]
     torch.manual_seed(0)
     model = UNet(**model_kwargs(cfg)).to(device)
