@@ -868,23 +868,6 @@ def distributed():
     return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
 
 
-def rank0_first(world, fn):
-    """fn() on rank 0, then on the other ranks; a UsageError on rank 0 is raised on every rank (none waits forever)."""
-    if world == 1:
-        return fn()
-    failed, result = [None], None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except UsageError as e:
-            failed[0] = str(e)
-    dist.broadcast_object_list(failed, src=0)
-    dist.barrier()                                                 # all have it before any rank leaves on an error
-    if failed[0]:
-        raise UsageError(failed[0])
-    return result if dist.get_rank() == 0 else fn()
-
-
 def check_flags(cfg):
     """The rules that tie flags together (each flag's own range is its argparse type): a config that breaks one is
     refused in one line, exit code 2 (UsageError), before any work. train's command line checks here, and so do the
@@ -1042,6 +1025,121 @@ def metrics_log(out, step):
     return open(path, "a")
 
 
+def agreed(world, fn, view=None, differ="", first=False):
+    """fn() on this rank, and under DDP a UsageError on any rank raised on every rank alike (none waits forever for
+    another). first: rank 0 runs fn before the others (alone it downloads or prepares the data: no race on one
+    folder), and they run it only once it has succeeded. view(result): what each rank read, by content; the ranks
+    must agree on it (they read one --init and --out, on a filesystem every node shares), else UsageError(differ)."""
+    rank = dist.get_rank() if world > 1 else 0
+
+    def attempt():
+        try:
+            return fn(), None
+        except UsageError as e:
+            return None, str(e)
+    result, error = (None, None) if first and rank > 0 else attempt()
+    if world > 1 and first:                                        # the others, once rank 0 has succeeded
+        failed = [error]
+        dist.broadcast_object_list(failed, src=0)
+        if rank > 0:
+            result, error = (None, failed[0]) if failed[0] else attempt()
+    if world > 1:
+        views = [None] * world
+        dist.all_gather_object(views, error or (view(result) if view else None))
+        error = error or next((v for v in views if isinstance(v, str)), None)
+        if not error and len(set(views)) > 1:
+            error = differ
+    if error:
+        raise UsageError(error)
+    return result
+
+
+def start_state(cfg, out, world):
+    """Where the run starts: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's
+    --out: see continued_run). A bad path fails here, before any work, on every rank alike. -> (cfg, init, ckpt)"""
+    def read():
+        try:
+            init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
+            path = os.path.join(out, "ckpt.pt")
+            ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
+            return (cfg if ckpt is None else continued_run(cfg, ckpt, out, init)), init, ckpt
+        except (OSError, KeyError, IndexError, ValueError) as e:
+            raise UsageError(f"cannot read --init or --out {out}: {type(e).__name__}: {e}")
+    seen = lambda r: (r[1] and origin_of(r[1])["init_hash"], r[2] and (r[2]["step"], weights_hash(r[2]["ema"])))
+    return agreed(world, read, seen, f"the ranks see different files in --init or --out {out}: put them on a "
+                  "filesystem that every node shares")
+
+
+def set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank):
+    """--sp-with-mse's lambda, computed once per run and stored in the config (sp_lambda_value): the number given, or
+    auto: balanced_lambda over the run's first LAMBDA_BATCHES batches (no flips or label dropout), its spread over
+    those batches recorded beside it (sp_lambda_ratios)."""
+    lam = cfg["sp_with_mse"]
+    if lam == "auto":
+        torch.manual_seed(cfg["seed"] * 4096 + rank)
+        device = next(model.parameters()).device
+        first = [(to_model_range(images[i]).to(device), labels[i].to(device))
+                 for i in map(batches.indices, range(LAMBDA_BATCHES))]
+        lam, ratios = balanced_lambda(model, perceptual_net, schedule, first, world, **sp_options(cfg))
+        if not 0 < lam < math.inf:
+            raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batches "
+                             f"(lambda {lam}): give LAMBDA as a number")
+        cfg["sp_lambda_ratios"] = ratios                           # its spread over the batches, recorded beside it
+    cfg["sp_lambda_value"] = float(lam)
+
+
+NEVER = 2 ** 62              # the first non-finite step's value while there is none
+
+
+def read_sums(loss_sum, gnorm_sum, first_bad, stop_asked, world, out):
+    """The training loop's one host sync, at log, checkpoint and stop-poll steps alone (the other steps never wait for
+    the GPU): the loss and gradient-norm sums kept on the device since the last log line, the first step whose loss
+    or gradient was not finite, and every rank's stop flag, reduced over the ranks so that every rank sees the same.
+    A step that was not finite stops the run, before any checkpoint has its weights. -> (loss sum, norm sum, stop)"""
+    sums = torch.stack([loss_sum, gnorm_sum, torch.full((), float(stop_asked), device=loss_sum.device)])
+    bad = first_bad.clone()
+    if world > 1:
+        dist.all_reduce(sums)                                      # every rank sees the same loss and stop flag
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        sums[:2] /= world
+    loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
+    if bad != NEVER:
+        last = os.path.join(out, "ckpt.pt")
+        raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); stopped without "
+                                 "writing a checkpoint" + (f"; the last good one is {last}" if os.path.exists(last) else ""))
+    return loss_total, gnorm_total, stopping
+
+
+def finished_run(ckpt, out, device, log):
+    """A run whose checkpoint is at its last step, reused as it is: nothing is trained or written."""
+    log(f"reusing the finished run in {out} ({ckpt['step']} steps): left as it is")
+    ema = model_from_checkpoint(ckpt).to(device).eval()
+    return ema, {"steps": ckpt["step"], "total_steps": ckpt.get("total_steps", ckpt["step"]), "reused": True,
+                 "train_seconds": ckpt.get("train_seconds", 0.0), "params": sum(p.numel() for p in ema.parameters()),
+                 "config": ckpt["config"], "model": None, "origin": ckpt.get("origin"), "stopped": False}
+
+
+def build_models(cfg, init, ckpt, device):
+    """The online model (random, from --init's EMA weights, or resumed), its EMA, f* and the optimizer."""
+    torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
+    model = UNet(**model_kwargs(cfg)).to(device)
+    if ckpt is not None:
+        load_weights(model, ckpt["model"], "the resumed checkpoint")
+    elif init is not None:
+        check_same_arch(cfg, init, cfg["init"])
+        load_weights(model, init["ema"], f"--init {cfg['init']}")
+    ema, perceptual_net = frozen_copy(model), None
+    if cfg["loss"] == "self-perceptual":  # f*: a frozen copy of the stage-1 EMA weights, or (the ablation) the EMA
+        perceptual_net = frozen_copy(model) if cfg["perceptual_net"] == "frozen" else ema
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if ckpt is not None:
+        load_weights(ema, ckpt["ema"], "the resumed EMA")
+        load_weights(opt, ckpt["optimizer"], "the resumed optimizer state")
+        if perceptual_net not in (None, ema):
+            load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
+    return model, ema, perceptual_net, opt
+
+
 def train(cfg, log=print):
     """Train with cfg["loss"] (see TRAIN_ARGS) and return (ema_model, stats). Launched by torchrun, it runs
     data-parallel: every rank computes its share of the global batch, DDP averages the gradients, so every
@@ -1055,96 +1153,37 @@ def train(cfg, log=print):
     if world > 1 and device.type == "cuda":
         device = torch.device("cuda", local_rank)
         torch.cuda.set_device(device)
-    master = rank == 0
-    out = cfg["resume"] or cfg["out"]
-
+    master, out = rank == 0, cfg["resume"] or cfg["out"]
     if cfg["batch_size"] % world:
         raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
     if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
-
-    # ---- state: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's --out) ----
-    step, path = 0, os.path.join(out, "ckpt.pt")
-    init, ckpt, error, seen = None, None, None, None
-    try:                                                           # a bad path fails here, before any work
-        init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
-        ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
-        if ckpt is not None:
-            cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
-        if world > 1:                                              # what this rank read, by content
-            seen = (init and origin_of(init)["init_hash"], ckpt and (step, weights_hash(ckpt["ema"])))
-    except (UsageError, OSError, KeyError, IndexError, ValueError) as e:
-        error = f"{e}" if isinstance(e, UsageError) else f"cannot read --init or --out {out}: {type(e).__name__}: {e}"
-    if world > 1:          # every rank must decide alike: they read one --init and --out, on a shared filesystem
-        views = [None] * world
-        dist.all_gather_object(views, error or seen)
-        error = error or next((v for v in views if isinstance(v, str)), None)
-        if not error and len(set(views)) > 1:
-            error = (f"the ranks see different files in --init or --out {out}: put them on a filesystem that every "
-                     "node shares")
-    if error:
-        raise UsageError(error)
-    if ckpt is not None:
-        if step == cfg["steps"]:                                   # finished: nothing is trained or written
-            if master:
-                log(f"reusing the finished run in {out} ({step} steps): left as it is")
-            ema = model_from_checkpoint(ckpt).to(device).eval()
-            return ema, {"steps": step, "total_steps": ckpt.get("total_steps", step), "reused": True,
-                         "train_seconds": ckpt.get("train_seconds", 0.0),
-                         "params": sum(p.numel() for p in ema.parameters()),
-                         "config": ckpt["config"], "model": None, "origin": ckpt.get("origin"), "stopped": False}
-    writable_dir(out, "--resume" if cfg["resume"] else "--out")       # every rank, before any data is loaded or step taken
+    cfg, init, ckpt = start_state(cfg, out, world)
+    step = 0 if ckpt is None else ckpt["step"]
+    if ckpt is not None and step == cfg["steps"]:                  # finished: nothing is trained or written
+        return finished_run(ckpt, out, device, log if master else lambda line: None)
+    writable_dir(out, "--resume" if cfg["resume"] else "--out")    # every rank, before any data is loaded or step taken
     # Rank 0 alone downloads or prepares the data, then the others read it: no race on one download folder.
-    images, labels, class_names, flip_ok = rank0_first(world, lambda: load_dataset(
-        cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"]))
+    images, labels, class_names, flip_ok = agreed(world, lambda: load_dataset(
+        cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"]), first=True)
     if device.type == "cuda" and images.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
         images, labels = images.to(device), labels.to(device)     # CIFAR-10 is 153 MB: no host copy per step
     cfg["num_classes"] = 0 if cfg["unconditional"] else len(class_names)
-    torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
-    model = UNet(**model_kwargs(cfg)).to(device)
-    perceptual_net = None
-    if ckpt is not None:
-        load_weights(model, ckpt["model"], "the resumed checkpoint")
-    elif init is not None:
-        check_same_arch(cfg, init, cfg["init"])
-        load_weights(model, init["ema"], f"--init {cfg['init']}")
-    ema = frozen_copy(model)
-    seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
+    model, ema, perceptual_net, opt = build_models(cfg, init, ckpt, device)
+    seconds_before = 0.0 if ckpt is None else ckpt.get("train_seconds", 0.0)
     # Provenance: a stage 2 records which stage-1 weights it started from, so a stale one is never reused.
     origin = ckpt.get("origin") if ckpt is not None else origin_of(init) if init is not None else None
-    steps_before = origin["init_steps"] if origin else 0               # total steps count from initialisation
-    if cfg["loss"] == "self-perceptual" and cfg["perceptual_net"] == "frozen":
-        perceptual_net = frozen_copy(model)                       # f*: frozen copy of the stage-1 EMA weights
-        if ckpt is not None:
-            load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
-    elif cfg["loss"] == "self-perceptual":
-        perceptual_net = ema                                      # the ablation: f* follows the online model's EMA
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if ckpt is not None:
-        load_weights(ema, ckpt["ema"], "the resumed EMA")
-        load_weights(opt, ckpt["optimizer"], "the resumed optimizer state")
-    schedule = schedule_from(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    steps_before = origin["init_steps"] if origin else 0           # total steps count from initialisation
+    schedule, n_params = schedule_from(cfg), sum(p.numel() for p in model.parameters())
     net = torch.compile(model) if cfg["compile"] else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"], images.device)
     if cfg["loss"] == "self-perceptual" and cfg["sp_with_mse"] and "sp_lambda_value" not in cfg:
-        lam = cfg["sp_with_mse"]                                   # a number, or computed once here and stored
-        if lam == "auto":                                          # the first batches, no flips or label dropout
-            torch.manual_seed(cfg["seed"] * 4096 + rank)
-            first = [(to_model_range(images[idx]).to(device), labels[idx].to(device))
-                     for idx in map(batches.indices, range(LAMBDA_BATCHES))]
-            lam, ratios = balanced_lambda(model, perceptual_net, schedule, first, world, **sp_options(cfg))
-            if not 0 < lam < math.inf:
-                raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batches "
-                                 f"(lambda {lam}): give LAMBDA as a number")
-            cfg["sp_lambda_ratios"] = ratios                       # its spread over the batches, recorded beside it
-        cfg["sp_lambda_value"] = float(lam)
+        set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **sp_options(cfg))
-    cfg["precision"] = resolve_precision(device, cfg["precision"])   # stored as run: "auto" means another thing elsewhere
-    amp = autocast(device, cfg["precision"])
-    metrics = None
+    cfg["precision"] = resolve_precision(device, cfg["precision"])  # stored as run: "auto" means another thing elsewhere
+    amp, metrics = autocast(device, cfg["precision"]), None
     if master:
         with open(os.path.join(out, "config.json"), "w") as f:
             json.dump(cfg, f, indent=1)
@@ -1155,28 +1194,23 @@ def train(cfg, log=print):
         log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images{held}, {cfg['num_classes']} classes), "
             f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
 
-    def checkpoint():
-        """Rank 0 writes everything a resume needs, atomically, after the metrics log up to this step."""
+    def checkpoint(name="ckpt.pt", **state):
+        """Rank 0 writes everything a resume needs, atomically, after the metrics log up to this step (or `state`)."""
         if master:
             metrics.flush()
-            state = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "train_seconds": seconds_before + time.time() - t0,
-                     "origin": origin, "total_steps": steps_before + step}
-            if perceptual_net is not None:
-                state["perceptual"] = perceptual_net.state_dict()
-            save_checkpoint(os.path.join(out, "ckpt.pt"), state)
+            state = state or {"model": model.state_dict(), "optimizer": opt.state_dict(), "origin": origin,
+                              "train_seconds": seconds_before + time.time() - t0, "total_steps": steps_before + step,
+                              **({"perceptual": perceptual_net.state_dict()} if perceptual_net is not None else {})}
+            save_checkpoint(os.path.join(out, name), {"config": cfg, "step": step, "ema": ema.state_dict(), **state})
 
     # SIGINT / SIGTERM: finish the current step, write the checkpoint, exit cleanly.
     stop = {"signal": None}
-    handler = lambda signum, frame: stop.update(signal=signum)
-    old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-
+    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                    for s in (signal.SIGINT, signal.SIGTERM)}
     fixed_noise = torch.randn(64, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
     fixed_y = torch.arange(64) % max(cfg["num_classes"], 1)
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    # Sums since the last log line and the first step whose loss was not finite (NEVER: none), kept on the device:
-    # the host reads them only at log, checkpoint and stop-poll steps, so the other steps never wait for the GPU.
-    NEVER = 2 ** 62
+    # Sums since the last log line and the first step whose loss was not finite, kept on the device: read_sums.
     loss_sum, gnorm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
     model.train()
@@ -1219,37 +1253,23 @@ def train(cfg, log=print):
             step += 1
             log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
             write_now = step % cfg["ckpt_every"] == 0 and step < cfg["steps"] or step == cfg["guide_at"]
-            poll = stop["signal"] is not None if world == 1 else step % STOP_EVERY == 0
             stopping = False
-            if log_now or write_now or poll:
-                # The loop's one host sync, at these steps alone: the sums, the first bad step, every rank's stop flag.
-                stop_flag = torch.full((), float(stop["signal"] is not None), device=device)
-                sums = torch.stack([loss_sum, gnorm_sum, stop_flag])
-                bad = first_bad.clone()
-                if world > 1:
-                    dist.all_reduce(sums)                                # every rank sees the same loss and stop flag
-                    dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-                    sums[:2] /= world
-                loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
-                if bad != NEVER:
-                    last = os.path.join(out, "ckpt.pt")
-                    raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); "
-                                             f"stopped without writing a checkpoint"
-                                             + (f"; the last good one is {last}" if os.path.exists(last) else ""))
-                if log_now:
-                    now = time.time()
-                    n_log = step - log_step                     # steps since the last line (a resume starts mid-way)
-                    if master:
-                        rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
-                               (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
-                        metrics.write(json.dumps(rec) + "\n")
-                        metrics.flush()
-                        left = (cfg["steps"] - step) * (now - t0) / (step - start_step)
-                        log(f"step {step}/{cfg['steps']} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | "
-                            f"lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
-                    t_log, log_step = now, step
-                    loss_sum.zero_()
-                    gnorm_sum.zero_()
+            if log_now or write_now or (stop["signal"] is not None if world == 1 else step % STOP_EVERY == 0):
+                loss_total, gnorm_total, stopping = read_sums(loss_sum, gnorm_sum, first_bad,
+                                                              stop["signal"] is not None, world, out)
+            if log_now:
+                now, n_log = time.time(), step - log_step              # steps since the last line (a resume starts mid-way)
+                if master:
+                    rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
+                           (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
+                    metrics.write(json.dumps(rec) + "\n")
+                    metrics.flush()
+                    left = (cfg["steps"] - step) * (now - t0) / (step - start_step)
+                    log(f"step {step}/{cfg['steps']} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | "
+                        f"lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
+                t_log, log_step = now, step
+                loss_sum.zero_()
+                gnorm_sum.zero_()
             if master and cfg["sample_every"] and step % cfg["sample_every"] == 0:
                 with amp:
                     x = sample(ema, schedule, fixed_noise.shape, fixed_y.to(device) if cfg["num_classes"] else None,
@@ -1257,9 +1277,8 @@ def train(cfg, log=print):
                 save_grid(x, os.path.join(out, f"samples_{step:07d}.png"), nrow=8)
             if step % cfg["ckpt_every"] == 0 and step < cfg["steps"]:
                 checkpoint()
-            if master and step == cfg["guide_at"]:                 # the weaker model that autoguidance guides with
-                save_checkpoint(os.path.join(out, "guide.pt"), {"config": cfg, "step": step, "ema": ema.state_dict(),
-                                                                 "model": ema.state_dict(), "total_steps": step})
+            if step == cfg["guide_at"]:                            # the weaker model that autoguidance guides with
+                checkpoint("guide.pt", model=ema.state_dict(), total_steps=step)
             if stopping:                                           # every rank agreed on the signal
                 stopped = True
                 break
