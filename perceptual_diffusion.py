@@ -657,25 +657,21 @@ def writable_dir(path, flag):
     return path
 
 
-def image_extensions():
-    """The file extensions PIL can write, such as .png and .jpg."""
-    from PIL import Image
-    Image.init()
-    return sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
-
-
-def writable_file(path, flag, extensions):
-    """Check, before any work, that `path` can be written: a known extension, an existing writable folder, not
-    itself a folder. UsageError otherwise."""
+def writable_file(path, flag, extensions=None):
+    """Check, before any work, that `path` can be written: a known extension (None: the image formats PIL can
+    write, such as .png and .jpg), an existing writable folder, not itself a folder. UsageError otherwise."""
+    if extensions is None:
+        from PIL import Image
+        Image.init()
+        extensions = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
     folder = os.path.dirname(path) or "."
     if os.path.splitext(path)[1].lower() not in extensions:
-        shown = ", ".join(extensions) if len(extensions) < 6 else ", ".join(e for e in extensions if e in (".png", ".jpg", ".bmp")) + ", ..."
+        shown = ", ".join(extensions) if len(extensions) < 6 else ".bmp, .jpg, .png, ..."
         raise UsageError(f"{flag} {path!r}: the file name must end in {shown}")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder; give a file name")
     if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path!r}: {folder!r} " + ("is a file, not a folder" if os.path.exists(folder) else
-                                                             "does not exist"))
+        raise UsageError(f"{flag} {path!r}: {folder!r} {'is a file, not a folder' if os.path.exists(folder) else 'does not exist'}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path!r}: the folder {folder!r} is not writable")
     return path
@@ -945,8 +941,8 @@ def save_grid(x, path, nrow):
 def save_samples(x, y, out, npz, nrow):
     """The grid `out` and/or the .npz `npz` (uint8 NHWC arr_0 and labels, as FID tools read). A write that fails
     after sampling (disk full, folder removed) keeps the samples as an .npz in the temporary folder and says where."""
-    arrays = dict(arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy(),
-                  labels=y.numpy() if y is not None else np.zeros(len(x), np.int64))
+    arrays = dict(arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy(), labels=np.zeros(len(x), np.int64) if y is None
+                  else y.numpy())
     try:
         if out:
             save_grid(x, out, nrow)
@@ -1463,9 +1459,9 @@ def run_train(args):
 
 def run_sample(args):
     """`sample`: a grid and/or an .npz from a checkpoint's EMA weights, the outputs checked before any work."""
-    for flag, path, exts in (("--out", args.out, image_extensions()), ("--npz", args.npz, [".npz"])):
+    for flag, path, extensions in (("--out", args.out, None), ("--npz", args.npz, [".npz"])):
         if path:
-            writable_file(path, flag, exts)
+            writable_file(path, flag, extensions)
     ckpt, model, guide = load_for_sampling(args)
     x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale, args.eta,
                     args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval, guide)
