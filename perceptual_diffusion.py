@@ -338,7 +338,8 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
     v_hat = model(x_t, t, y).float()
     x0_hat, eps_hat = schedule.pred_to_x0_eps(x_t, v_hat, t)
     if t_prime is None:
-        t_prime = t if t_prime_mode == "same" else torch.randint(0, t_prime_max or schedule.T, t.shape, device=x0.device)
+        t_prime = t if t_prime_mode == "same" else torch.randint(0, t_prime_max or schedule.T, t.shape,
+                                                                 device=x0.device)
     with torch.no_grad():
         real = perceptual_net.features(schedule.q_sample(x0, t_prime, eps), t_prime, y, features)
     pred = perceptual_net.features(schedule.q_sample(x0_hat, t_prime, eps_hat), t_prime, y, features)
@@ -349,7 +350,8 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
         terms = [(dist(p.float(), r.float(), reduction="none").flatten(1).mean(1) * (t < t_max)).mean()
                  for p, r in zip(pred, real)]
     if features == "all":
-        terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12) for d, r in zip(terms, real)]
+        terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12)
+                 for d, r in zip(terms, real)]
     loss = sum(terms) / len(terms)
     return loss if mse_lambda is None else F.mse_loss(v_hat, schedule.v_target(x0, eps, t)) + mse_lambda * loss
 
@@ -364,30 +366,6 @@ def objective(loss, model, perceptual_net, schedule, **options):
     if loss == "self-perceptual":
         return lambda x0, y: loss_fn(model, perceptual_net, schedule, x0, y, **options)
     return lambda x0, y: loss_fn(model, schedule, x0, y)
-
-
-def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options):
-    """The stated rule of --sp-with-mse auto: lambda = mean |grad L_mse| / mean |grad L_sp| over the weights, each
-    term's gradient taken on the same batch and (t, eps), over the given (x0, y) batches (one draw of t is noisy:
-    the two terms start with gradients of equal norm on average). Under DDP each gradient is first averaged over
-    the ranks, so that its norm is the whole batch's. Returns (lambda, [the ratio on each batch])."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def norm(loss):
-        g = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
-                       zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
-        if world > 1:
-            dist.all_reduce(g)
-            g /= world
-        return g.norm()
-    norms = []
-    for x0, y in batches:
-        t, eps = draw_t_eps(schedule, x0)
-        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
-        norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
-    norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
-    ratios = [r if math.isfinite(r) else None for r in (norms[:, 0] / norms[:, 1]).tolist()]   # None: no L_sp grad
-    return (norms[:, 0].mean() / norms[:, 1].mean()).item(), ratios
 
 
 # =================================================================================================
@@ -1064,6 +1042,30 @@ def start_state(cfg, out, world):
     seen = lambda r: (r[1] and origin_of(r[1])["init_hash"], r[2] and (r[2]["step"], weights_hash(r[2]["ema"])))
     return agreed(world, read, seen, f"the ranks see different files in --init or --out {out}: put them on a "
                   "filesystem that every node shares")
+
+
+def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options):
+    """The stated rule of --sp-with-mse auto: lambda = mean |grad L_mse| / mean |grad L_sp| over the weights, each
+    term's gradient taken on the same batch and (t, eps), over the given (x0, y) batches (one draw of t is noisy:
+    the two terms start with gradients of equal norm on average). Under DDP each gradient is first averaged over
+    the ranks, so that its norm is the whole batch's. Returns (lambda, [the ratio on each batch])."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def norm(loss):
+        g = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
+                       zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
+        if world > 1:
+            dist.all_reduce(g)
+            g /= world
+        return g.norm()
+    norms = []
+    for x0, y in batches:
+        t, eps = draw_t_eps(schedule, x0)
+        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
+        norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
+    norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
+    ratios = [r if math.isfinite(r) else None for r in (norms[:, 0] / norms[:, 1]).tolist()]   # None: no L_sp grad
+    return (norms[:, 0].mean() / norms[:, 1].mean()).item(), ratios
 
 
 def set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank):
