@@ -823,23 +823,19 @@ def native_bf16(device):
 def resolve_precision(device, precision):
     """auto -> bf16 where the device has native bf16 (native_bf16), fp32 elsewhere (on a CPU without native bf16,
     bf16 is ~15x slower; on Apple's mps, fp32)."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
 def autocast(device, precision):
     """bf16 autocast where asked (see resolve_precision), else a no-op."""
-    if resolve_precision(device, precision) == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    bf16 = resolve_precision(device, precision) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def distributed():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain process."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    env = os.environ
+    return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))) if "RANK" in env else (0, 1, 0)
 
 
 def check_flags(cfg):
@@ -1435,14 +1431,11 @@ def run_command(parser, argv, dispatch, needed):
         return e.code
     try:
         return dispatch(args) or 0
-    except UsageError as e:
+    except (UsageError, FloatingPointError, OSError) as e:         # refused before work, or the work's end failed
         print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
+        if isinstance(e, UsageError) and dist.is_initialized():
             dist.destroy_process_group()
-        return 2
-    except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:                                      # Ctrl-C, or a signal that stopped a stage
         print("stopped: the last checkpoint is kept; rerun the same command to continue", file=sys.stderr)
         return 130
@@ -1465,8 +1458,9 @@ def run_sample(args):
         if path:
             writable_file(path, flag, extensions)
     ckpt, model, guide = load_for_sampling(args)
-    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale, args.eta,
-                    args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval, guide)
+    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, cfg_scale=args.cfg, cfg_rescale=args.cfg_rescale,
+                    eta=args.eta, spacing=args.spacing, seed=args.seed, batch=args.batch, precision=args.precision,
+                    label=args.label, cfg_interval=args.cfg_interval, guide=guide)
     save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
     print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
 
