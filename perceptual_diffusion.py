@@ -37,7 +37,7 @@ import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
@@ -1134,6 +1134,51 @@ def build_models(cfg, init, ckpt, device):
     return model, ema, perceptual_net, opt
 
 
+def start_log(out, cfg, step, resumed, n_images, setup, log):
+    """Rank 0's start of a run: its config.json, its metrics log (metrics_log, returned) and its first lines."""
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    metrics = metrics_log(out, step)
+    if resumed:
+        log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
+    held = "" if cfg["data"] in ("shapes", "cifar10") else f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
+    log(f"{cfg['loss']} on {cfg['data']} ({n_images} images{held}, {cfg['num_classes']} classes), {setup}, "
+        f"steps {step}->{cfg['steps']}")
+    return metrics
+
+
+@contextmanager
+def training_context(device, stop, metrics):
+    """While training: SIGINT / SIGTERM set stop["signal"] (the loop finishes the current step, writes the checkpoint
+    and exits cleanly), and TF32 is on where the device has native bf16; both are restored when training ends
+    (evaluation is fp32), and the metrics log is closed."""
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if native_bf16(device):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if metrics is not None:
+            metrics.close()
+
+
+def training_batch(cfg, images, labels, idx, flip, device):
+    """The images idx in [-1, 1] (B, 3, H, W), h-flipped at random where `flip`, and their labels (B,) with label
+    dropout: the same network learns v_uncond through the null label. This is what makes classifier-free guidance
+    possible at sampling time."""
+    x0, y = to_model_range(images[idx]).to(device), labels[idx].to(device)
+    if flip:
+        x0 = torch.where((torch.rand(len(idx), device=device) < 0.5)[:, None, None, None], x0.flip(3), x0)
+    if cfg["num_classes"]:
+        y = torch.where(torch.rand(len(idx), device=device) < cfg["label_dropout"], cfg["num_classes"], y)
+    return x0, y
+
+
 def train(cfg, log=print):
     """Train with cfg["loss"] (see TRAIN_ARGS) and return (ema_model, stats). Launched by torchrun, it runs
     data-parallel: every rank computes its share of the global batch, DDP averages the gradients, so every
@@ -1177,16 +1222,9 @@ def train(cfg, log=print):
         set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **sp_options(cfg))
     cfg["precision"] = resolve_precision(device, cfg["precision"])  # stored as run: "auto" means another thing elsewhere
-    amp, metrics = autocast(device, cfg["precision"]), None
-    if master:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        metrics = metrics_log(out, step)
-        if ckpt is not None:
-            log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
-        held = "" if cfg["data"] in ("shapes", "cifar10") else f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
-        log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images{held}, {cfg['num_classes']} classes), "
-            f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
+    amp = autocast(device, cfg["precision"])
+    setup = f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}"
+    metrics = start_log(out, cfg, step, ckpt is not None, len(images), setup, log) if master else None
 
     def checkpoint(name="ckpt.pt", **state):
         """Rank 0 writes everything a resume needs, atomically, after the metrics log up to this step (or `state`)."""
@@ -1197,10 +1235,6 @@ def train(cfg, log=print):
                               **({"perceptual": perceptual_net.state_dict()} if perceptual_net is not None else {})}
             save_checkpoint(os.path.join(out, name), {"config": cfg, "step": step, "ema": ema.state_dict(), **state})
 
-    # SIGINT / SIGTERM: finish the current step, write the checkpoint, exit cleanly.
-    stop = {"signal": None}
-    old_handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
-                    for s in (signal.SIGINT, signal.SIGTERM)}
     fixed_noise = torch.randn(64, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
     fixed_y = torch.arange(64) % max(cfg["num_classes"], 1)
     ema_params, params = list(ema.parameters()), list(model.parameters())
@@ -1208,24 +1242,12 @@ def train(cfg, log=print):
     loss_sum, gnorm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
     model.train()
-    t0, t_log, start_step, log_step, stopped = time.time(), time.time(), step, step, False
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if native_bf16(device):                                        # restored when training ends (evaluation is fp32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
+    t0, t_log, start_step, log_step, stopped, stop = time.time(), time.time(), step, step, False, {"signal": None}
+    with training_context(device, stop, metrics):
         while step < cfg["steps"]:
             # The randomness of a step is a function of (seed, step, rank): a resumed run draws the same numbers.
             torch.manual_seed((cfg["seed"] * 1_000_003 + step) * 4096 + rank)
-            idx = batches.indices(step)
-            x0 = to_model_range(images[idx]).to(device)              # (B, 3, H, W) in [-1, 1]
-            y = labels[idx].to(device)                               # (B,)
-            if flip_ok and not cfg["no_flip"]:
-                flip = torch.rand(len(idx), device=device) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            if cfg["num_classes"]:
-                # Label dropout: the same network learns v_uncond through the null label. This is what makes
-                # classifier-free guidance possible at sampling time.
-                y = torch.where(torch.rand(len(idx), device=device) < cfg["label_dropout"], cfg["num_classes"], y)
+            x0, y = training_batch(cfg, images, labels, batches.indices(step), flip_ok and not cfg["no_flip"], device)
             lr = learning_rate(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -1277,12 +1299,6 @@ def train(cfg, log=print):
                 stopped = True
                 break
         checkpoint()
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        if metrics is not None:
-            metrics.close()
     if stopped and master:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written: run the same command again "
             f"to continue (or --resume {out})")
