@@ -1101,7 +1101,7 @@ def read_sums(loss_sum, gnorm_sum, first_bad, stop_asked, world, out):
         last = os.path.join(out, "ckpt.pt")
         raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); stopped without "
                                  "writing a checkpoint" + (f"; the last good one is {last}" if os.path.exists(last) else ""))
-    return loss_total, gnorm_total, stopping
+    return loss_total, gnorm_total, stopping > 0
 
 
 def finished_run(ckpt, out, device, log):
@@ -1132,6 +1132,14 @@ def build_models(cfg, init, ckpt, device):
         if perceptual_net not in (None, ema):
             load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
     return model, ema, perceptual_net, opt
+
+
+def log_line(metrics, rec, steps, left, log):
+    """A log step: its record appended to the metrics log (flushed: a kill loses none of it) and its line printed."""
+    metrics.write(json.dumps(rec) + "\n")
+    metrics.flush()
+    log(f"step {rec['step']}/{steps} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | lr {rec['lr']:.2e} | "
+        f"grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
 
 
 def start_log(out, cfg, step, resumed, n_images, setup, log):
@@ -1269,20 +1277,15 @@ def train(cfg, log=print):
             step += 1
             log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
             write_now = step % cfg["ckpt_every"] == 0 and step < cfg["steps"] or step == cfg["guide_at"]
-            stopping = False
             if log_now or write_now or (stop["signal"] is not None if world == 1 else step % STOP_EVERY == 0):
-                loss_total, gnorm_total, stopping = read_sums(loss_sum, gnorm_sum, first_bad,
-                                                              stop["signal"] is not None, world, out)
+                loss_total, gnorm_total, stopped = read_sums(loss_sum, gnorm_sum, first_bad,
+                                                             stop["signal"] is not None, world, out)
             if log_now:
                 now, n_log = time.time(), step - log_step              # steps since the last line (a resume starts mid-way)
                 if master:
                     rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
                            (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
-                    metrics.write(json.dumps(rec) + "\n")
-                    metrics.flush()
-                    left = (cfg["steps"] - step) * (now - t0) / (step - start_step)
-                    log(f"step {step}/{cfg['steps']} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | "
-                        f"lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
+                    log_line(metrics, rec, cfg["steps"], (cfg["steps"] - step) * (now - t0) / (step - start_step), log)
                 t_log, log_step = now, step
                 loss_sum.zero_()
                 gnorm_sum.zero_()
@@ -1295,8 +1298,7 @@ def train(cfg, log=print):
                 checkpoint()
             if step == cfg["guide_at"]:                            # the weaker model that autoguidance guides with
                 checkpoint("guide.pt", model=ema.state_dict(), total_steps=step)
-            if stopping:                                           # every rank agreed on the signal
-                stopped = True
+            if stopped:                                            # every rank agreed on the signal
                 break
         checkpoint()
     if stopped and master:
