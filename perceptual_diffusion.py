@@ -995,24 +995,14 @@ def metrics_log(out, step):
     return open(path, "a")
 
 
-def agreed(world, fn, view=None, differ="", first=False):
+def agreed(world, fn, view=None, differ=""):
     """fn() on this rank, and under DDP a UsageError on any rank raised on every rank alike (none waits forever for
-    another). first: rank 0 runs fn before the others (alone it downloads or prepares the data: no race on one
-    folder), and they run it only once it has succeeded. view(result): what each rank read, by content; the ranks
-    must agree on it (they read one --init and --out, on a filesystem every node shares), else UsageError(differ)."""
-    rank = dist.get_rank() if world > 1 else 0
-
-    def attempt():
-        try:
-            return fn(), None
-        except UsageError as e:
-            return None, str(e)
-    result, error = (None, None) if first and rank > 0 else attempt()
-    if world > 1 and first:                                        # the others, once rank 0 has succeeded
-        failed = [error]
-        dist.broadcast_object_list(failed, src=0)
-        if rank > 0:
-            result, error = (None, failed[0]) if failed[0] else attempt()
+    another). view(result): what each rank read, by content; the ranks must agree on it (they read one --init and
+    --out, on a filesystem that every node shares), else UsageError(differ)."""
+    try:
+        result, error = fn(), None
+    except UsageError as e:
+        result, error = None, str(e)
     if world > 1:
         views = [None] * world
         dist.all_gather_object(views, error or (view(result) if view else None))
@@ -1211,8 +1201,9 @@ def train(cfg, log=print):
         return finished_run(ckpt, out, device, log if master else lambda line: None)
     writable_dir(out, "--resume" if cfg["resume"] else "--out")    # every rank, before any data is loaded or step taken
     # Rank 0 alone downloads or prepares the data, then the others read it: no race on one download folder.
-    images, labels, class_names, flip_ok = agreed(world, lambda: load_dataset(
-        cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"]), first=True)
+    load = lambda: load_dataset(cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"])
+    data = agreed(world, load if master else lambda: None)
+    images, labels, class_names, flip_ok = agreed(world, (lambda: data) if master else load)
     if device.type == "cuda" and images.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
         images, labels = images.to(device), labels.to(device)     # CIFAR-10 is 153 MB: no host copy per step
     cfg["num_classes"] = 0 if cfg["unconditional"] else len(class_names)
