@@ -496,7 +496,8 @@ def make_shapes(n, image_size=32, seed=0, chunk=1000):
         a = u(0, 2 * math.pi, 1, 1)
         w = ((torch.cos(a) * xx[::2, ::2] + torch.sin(a) * yy[::2, ::2]) / 2 + 0.5)[:, None]  # (m, 1, H, W)
         bg = bg1[:, :, None, None] * (1 - w) + bg2[:, :, None, None] * w
-        img = bg * (1 - mask) + fg[:, :, None, None] * mask + 0.02 * torch.randn(m, 3, image_size, image_size, generator=g)
+        noise = 0.02 * torch.randn(m, 3, image_size, image_size, generator=g)
+        img = bg * (1 - mask) + fg[:, :, None, None] * mask + noise
         images.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
     return torch.cat(images), labels
 
@@ -649,7 +650,8 @@ def writable_file(path, flag, extensions=None):
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder; give a file name")
     if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path!r}: {folder!r} {'is a file, not a folder' if os.path.exists(folder) else 'does not exist'}")
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path!r}: {folder!r} {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path!r}: the folder {folder!r} is not writable")
     return path
@@ -729,7 +731,8 @@ def INT_LIST(text):
 # the whole config. The model defaults are UNet's (a test holds them equal), so UNet() is the default model.
 TRAIN_ARGS = [
     # data
-    ("data", "shapes", None, "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class subfolders"),
+    ("data", "shapes", None, "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class "
+     "subfolders"),
     ("data_dir", "data", None, "where cifar10 is downloaded to / read from"),
     ("image_size", 32, POS_INT, "image side in pixels"),
     ("no_flip", False, None, "no random horizontal flips (for data that must not be mirrored, such as digits)"),
@@ -742,13 +745,15 @@ TRAIN_ARGS = [
     ("dropout", 0.0, PROB, "dropout in the residual blocks"),
     # diffusion
     ("T", 1000, POS_INT, "training timesteps"),
-    ("betas", "scaled_linear", ("scaled_linear", "linear", "cosine"), "beta schedule (scaled_linear is the paper's); always rescaled to zero terminal SNR"),
+    ("betas", "scaled_linear", ("scaled_linear", "linear", "cosine"), "beta schedule (scaled_linear is the paper's); "
+     "always rescaled to zero terminal SNR"),
     # objective and optimisation
     ("loss", "mse", tuple(LOSSES), "objective: mse (stage 1) or self-perceptual (stage 2, needs --init)"),
     ("init", "", None, "stage-1 checkpoint: the online model starts from its EMA weights, f* is a frozen copy of them"),
     ("resume", "", None, "a run folder to continue from its ckpt.pt (model, EMA, optimizer, step, data order)"),
     # the paper's ablations of the self-perceptual objective; each default is the paper's choice
-    ("sp_features", "mid", ("mid", "all"), "f* features compared: mid (the mid block) or all (every down and mid block, each normalised)"),
+    ("sp_features", "mid", ("mid", "all"), "f* features compared: mid (the mid block) or all (every down and mid "
+     "block, each normalised)"),
     ("sp_t_prime", "independent", ("independent", "same"), "t' drawn independently of t, or t' = t (degenerate)"),
     ("sp_distance", "mse", ("mse", "mae"), "distance between the feature maps"),
     ("perceptual_net", "frozen", ("frozen", "ema"), "f*: a frozen copy of stage 1, or the online model's EMA"),
@@ -765,17 +770,22 @@ TRAIN_ARGS = [
     ("cooldown", 0.0, UNIT, "fraction of the steps at the end over which the rate decays to --final-lr as 1 - sqrt "
      "(Hagele et al. 2024); 0 = constant after warm-up, as in DDPM and DiT"),
     ("final_lr", 0.0, NONNEG_FLOAT, "the learning rate at the last step of a cool-down"),
-    ("guide_at", 0, NONNEG_INT, "also save the EMA weights at this step as guide.pt, a weaker model for autoguidance (0: none)"),
+    ("guide_at", 0, NONNEG_INT, "also save the EMA weights at this step as guide.pt, a weaker model for autoguidance "
+     "(0: none)"),
     ("weight_decay", 0.0, NONNEG_FLOAT, "AdamW weight decay"),
     ("grad_clip", 1.0, POS_FLOAT, "clip the global gradient norm to this"),
-    ("ema_decay", 0.999, PROB, "EMA decay of the weights (short runs need lower; warmed up as min(decay, (1+s)/(10+s)))"),
-    ("label_dropout", 0.1, PROB, "probability of replacing the label by the null label (enables classifier-free guidance)"),
+    ("ema_decay", 0.999, PROB, "EMA decay of the weights (short runs need lower; warmed up as min(decay, "
+     "(1+s)/(10+s)))"),
+    ("label_dropout", 0.1, PROB, "probability of replacing the label by the null label (enables classifier-free "
+     "guidance)"),
     # bookkeeping
     ("out", "runs/run", None, "run folder: ckpt.pt, sample grids, config.json"),
     ("seed", 0, ANY_INT, "random seed (data order, noise, timesteps); the data set itself uses --data-seed"),
     ("data_seed", 0, ANY_INT, "seed of the built-in shapes data set"),
-    ("device", best_device(), DEVICE, "device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default: auto)"),
-    ("precision", "auto", ("auto", "bf16", "fp32"), "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, fp32 elsewhere"),
+    ("device", best_device(), DEVICE, "device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps "
+     "(default: auto)"),
+    ("precision", "auto", ("auto", "bf16", "fp32"), "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, "
+     "fp32 elsewhere"),
     ("compile", False, None, "wrap the model in torch.compile"),
     ("log_every", 50, POS_INT, "print a log line every N steps"),
     ("sample_every", 500, NONNEG_INT, "write a sample grid every N steps (0: never)"),
@@ -855,7 +865,8 @@ def check_flags(cfg):
     if cfg["precision"] == "bf16" and torch.device(cfg["device"]).type == "mps":
         raise UsageError("--precision bf16 is not supported on mps here: use fp32 (or auto)")
     if cfg["guide_at"] > cfg["steps"]:
-        raise UsageError(f"--guide-at {cfg['guide_at']} is past the last step ({cfg['steps']}): no guide would be saved")
+        raise UsageError(f"--guide-at {cfg['guide_at']} is past the last step ({cfg['steps']}): no guide would be "
+                         "saved")
     check_data(cfg["data"])
 
 
@@ -890,7 +901,8 @@ class Batches:
 
     def __init__(self, n, batch_per_rank, rank, world, seed, device="cpu"):
         from torch.utils.data import DistributedSampler
-        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
         self.b, self.device = batch_per_rank, device
         self.per_epoch = len(self.sampler) // batch_per_rank
         if self.per_epoch == 0:
@@ -1047,7 +1059,8 @@ def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options
     norms = []
     for x0, y in batches:
         t, eps = draw_t_eps(schedule, x0)
-        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
+        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps,
+                                  **{**options, "mse_lambda": None})
         norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
     norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
     ratios = [r if math.isfinite(r) else None for r in (norms[:, 0] / norms[:, 1]).tolist()]   # None: no L_sp grad
@@ -1089,8 +1102,9 @@ def read_sums(loss_sum, gnorm_sum, first_bad, stop_asked, world, out):
     loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
     if bad != NEVER:
         last = os.path.join(out, "ckpt.pt")
+        good = f"; the last good one is {last}" if os.path.exists(last) else ""
         raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); stopped without "
-                                 "writing a checkpoint" + (f"; the last good one is {last}" if os.path.exists(last) else ""))
+                                 f"writing a checkpoint{good}")
     return loss_total, gnorm_total, stopping > 0
 
 
@@ -1139,7 +1153,8 @@ def start_log(out, cfg, step, resumed, n_images, setup, log):
     metrics = metrics_log(out, step)
     if resumed:
         log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
-    held = "" if cfg["data"] in ("shapes", "cifar10") else f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
+    held = f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
+    held = "" if cfg["data"] in ("shapes", "cifar10") else held
     log(f"{cfg['loss']} on {cfg['data']} ({n_images} images{held}, {cfg['num_classes']} classes), {setup}, "
         f"steps {step}->{cfg['steps']}")
     return metrics
@@ -1220,7 +1235,7 @@ def train(cfg, log=print):
     if cfg["loss"] == "self-perceptual" and cfg["sp_with_mse"] and "sp_lambda_value" not in cfg:
         set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **sp_options(cfg))
-    cfg["precision"] = resolve_precision(device, cfg["precision"])  # stored as run: "auto" means another thing elsewhere
+    cfg["precision"] = resolve_precision(device, cfg["precision"])  # as run: "auto" means another thing elsewhere
     amp = autocast(device, cfg["precision"])
     setup = f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}"
     metrics = start_log(out, cfg, step, ckpt is not None, len(images), setup, log) if master else None
@@ -1272,7 +1287,7 @@ def train(cfg, log=print):
                 loss_total, gnorm_total, stopped = read_sums(loss_sum, gnorm_sum, first_bad,
                                                              stop["signal"] is not None, world, out)
             if log_now:
-                now, n_log = time.time(), step - log_step              # steps since the last line (a resume starts mid-way)
+                now, n_log = time.time(), step - log_step  # steps since the last line (a resume starts mid-way)
                 if master:
                     rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
                            (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
@@ -1374,20 +1389,24 @@ def add_sampling_args(p):
     """The flags `sample` and `evaluate` share."""
     p.add_argument("--ckpt", required=True, help="checkpoint (RUN/ckpt.pt); its EMA weights are used")
     p.add_argument("--steps", type=POS_INT, default=50, help="DDIM steps, at most the model's T (default: 50)")
-    p.add_argument("--cfg", type=NONNEG_FLOAT, default=1.0, help="classifier-free guidance scale w; 1 = no guidance (default: 1)")
+    p.add_argument("--cfg", type=NONNEG_FLOAT, default=1.0, help="classifier-free guidance scale w; 1 = no guidance "
+                   "(default: 1)")
     p.add_argument("--cfg-rescale", type=UNIT, default=0.0, help="guidance rescale phi in [0, 1] (default: 0)")
     p.add_argument("--cfg-interval", type=interval_arg, default=(0.0, math.inf), metavar="LO,HI",
                    help="guide only at noise levels sigma_t/alpha_t in (LO, HI] (Kynkaanniemi et al. 2024; "
                         "default: 0,inf = every step)")
-    p.add_argument("--guide", default="", help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same model, "
-                   "such as RUN/guide.pt that stage 1 saved on its way; --cfg is then its weight w")
+    p.add_argument("--guide", default="", help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same "
+                   "model, such as RUN/guide.pt that stage 1 saved on its way; --cfg is then its weight w")
     p.add_argument("--eta", type=UNIT, default=0.0, help="0 = deterministic DDIM, 1 = ancestral (default: 0)")
-    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"], help="timestep spacing (default: trailing)")
+    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"],
+                   help="timestep spacing (default: trailing)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--batch", type=POS_INT, default=256, help="images per sampling call; each forward is chunked to "
                    "the device's efficient size (default: 256)")
-    p.add_argument("--device", type=DEVICE, default="auto", help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast precision (default: auto)")
+    p.add_argument("--device", type=DEVICE, default="auto", help="device: auto (cuda, else mps, else cpu), cpu, cuda "
+                   "or mps (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast precision (default: auto)")
 
 
 def build_parser():
@@ -1467,9 +1486,9 @@ def run_sample(args):
         if path:
             writable_file(path, flag, extensions)
     ckpt, model, guide = load_for_sampling(args)
-    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, cfg_scale=args.cfg, cfg_rescale=args.cfg_rescale,
-                    eta=args.eta, spacing=args.spacing, seed=args.seed, batch=args.batch, precision=args.precision,
-                    label=args.label, cfg_interval=args.cfg_interval, guide=guide)
+    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, cfg_scale=args.cfg,
+                    cfg_rescale=args.cfg_rescale, eta=args.eta, spacing=args.spacing, seed=args.seed, batch=args.batch,
+                    precision=args.precision, label=args.label, cfg_interval=args.cfg_interval, guide=guide)
     save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
     print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
 
