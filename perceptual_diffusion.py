@@ -1108,6 +1108,21 @@ def read_sums(loss_sum, gnorm_sum, first_bad, stop_asked, world, out):
     return loss_total, gnorm_total, stopping > 0
 
 
+def join_ranks(cfg):
+    """(rank, world size, device) of this process. Under torchrun each rank takes its own GPU (LOCAL_RANK) and joins
+    the process group, whose timeout covers rank 0's download of the data (DATA_TIMEOUT)."""
+    rank, world, local_rank = distributed()
+    device = torch.device(cfg["device"])
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if cfg["batch_size"] % world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
+    return rank, world, device
+
+
 def finished_run(ckpt, out, device, log):
     """A run whose checkpoint is at its last step, reused as it is: nothing is trained or written."""
     log(f"reusing the finished run in {out} ({ckpt['step']} steps): left as it is")
@@ -1200,16 +1215,8 @@ def train(cfg, log=print):
     cfg = {**TRAIN_DEFAULTS, **cfg}
     assert cfg["loss"] == "mse" or cfg["init"] or cfg["resume"], "self-perceptual needs --init (see check_flags)"
     cfg["sp_with_mse"] = SP_LAMBDA(cfg["sp_with_mse"])
-    rank, world, local_rank = distributed()
-    device = torch.device(cfg["device"])
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
+    rank, world, device = join_ranks(cfg)
     master, out = rank == 0, cfg["resume"] or cfg["out"]
-    if cfg["batch_size"] % world:
-        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
     cfg, init, ckpt = start_state(cfg, out, world)
     step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None and step == cfg["steps"]:                  # finished: nothing is trained or written
