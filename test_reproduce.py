@@ -1168,7 +1168,8 @@ def test_bench_reports_throughputs_and_ratios(capsys):
 
 def test_bench_is_a_command_of_reproduce_py_with_the_model_flags_and_their_ranges():
     covered = {(c, f) for c, f, _ in numeric_flags(rp)}
-    assert {("bench", "--iters"), ("bench", "--batch-size"), ("bench", "--image-size"), ("bench", "--dropout")} <= covered
+    assert {("bench", "--iters"), ("bench", "--batch-size"), ("bench", "--image-size"),
+            ("bench", "--dropout")} <= covered
 
 
 def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(tmp_path):

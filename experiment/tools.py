@@ -14,8 +14,8 @@ import time
 import torch
 
 import perceptual_diffusion
-from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_flags, frozen_copy, load_checkpoint,
-                                  generate, max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective,
+from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_flags, frozen_copy, generate, load_checkpoint,
+                                  max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective,
                                   save_checkpoint, schedule_from, train, writable_dir)
 from .comparison import (ABLATIONS, BOOKKEEPING_KEYS, PRESETS, PRETRAINED, PRETRAINED_DIR, ROWS, preset_settings,
                          print_commands, reproduce, run_stage, stage1_settings, train_flags, write_outputs)
