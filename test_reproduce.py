@@ -956,7 +956,7 @@ def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_
 
 def test_flags_alone_run_the_default_command_reproduce(tmp_path, capsys):
     assert rp.main(["--preset", "smoke", "--estimate"]) == 0 and "estimate for --preset smoke" in capsys.readouterr().out
-    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,gpucheck}" in capsys.readouterr().out
+    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,bench,gpucheck}" in capsys.readouterr().out
 
 
 # ----------------------------- devices and the protocol: right by construction -----------------------------
