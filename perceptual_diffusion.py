@@ -13,15 +13,15 @@ The file reads top to bottom beside the papers:
   4. the objectives: v-MSE and self-perceptual (Perceptual Loss paper, Alg. 1)
   5. DDIM sampling, trailing timesteps, classifier-free guidance with rescale (Common Diffusion, sec. 3.3-3.4)
   6. data, checkpoints and training (one plain function; DDP when launched by torchrun)
-  7. command line: train, sample, bench
+  7. command line: train, sample
 It needs no other file of this project. The measurement (rulers, intervals, the paper's comparison in one
-command, evaluate, gpucheck) is reproduce.py, which imports this file.
+command, evaluate, bench, gpucheck) is reproduce.py, which imports this file.
 
 Run (the built-in `shapes` data needs no network):
   python perceptual_diffusion.py train --loss mse --out runs/mse   # stage 1
   python perceptual_diffusion.py train --loss self-perceptual --init runs/mse/ckpt.pt --out runs/sp   # stage 2
   python perceptual_diffusion.py sample --ckpt runs/sp/ckpt.pt --n 64 --out grid.png
-  python perceptual_diffusion.py bench                             # parameters, training and sampling speed
+  python reproduce.py bench                                        # parameters, training and sampling speed
   python reproduce.py                                              # the paper's comparison (3-15 min, 2 CPU cores)
 On several GPUs (data parallel; --batch-size is the global batch):
   torchrun --standalone --nproc_per_node=8 perceptual_diffusion.py train --data cifar10 --loss mse ...
@@ -31,24 +31,19 @@ import copy
 import datetime
 import functools
 import hashlib
-import inspect
 import json
 import math
 import os
 import signal
 import sys
 import time
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-
-
-class UsageError(Exception):
-    """A problem with what the user typed or pointed at: printed as one line, exit code 2."""
 
 
 # =================================================================================================
@@ -229,9 +224,7 @@ class UNet(nn.Module):
                  attn_resolutions=(8,), dropout=0.0, num_classes=10):
         super().__init__()
         levels = len(channel_mult)
-        if image_size % 2 ** (levels - 1):
-            raise UsageError(f"image size {image_size} cannot be halved {levels - 1} times down to the UNet's "
-                             f"deepest level (channel_mult has {levels} levels): use a multiple of {2 ** (levels - 1)}")
+        assert image_size % 2 ** (levels - 1) == 0, f"image size {image_size} cannot be halved {levels - 1} times"
         self.image_size, self.channels, self.num_classes = image_size, channels, num_classes
         emb_dim = 4 * channels
         self.time_mlp = nn.Sequential(nn.Linear(channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
@@ -345,7 +338,8 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
     v_hat = model(x_t, t, y).float()
     x0_hat, eps_hat = schedule.pred_to_x0_eps(x_t, v_hat, t)
     if t_prime is None:
-        t_prime = t if t_prime_mode == "same" else torch.randint(0, t_prime_max or schedule.T, t.shape, device=x0.device)
+        t_prime = t if t_prime_mode == "same" else torch.randint(0, t_prime_max or schedule.T, t.shape,
+                                                                 device=x0.device)
     with torch.no_grad():
         real = perceptual_net.features(schedule.q_sample(x0, t_prime, eps), t_prime, y, features)
     pred = perceptual_net.features(schedule.q_sample(x0_hat, t_prime, eps_hat), t_prime, y, features)
@@ -356,7 +350,8 @@ def self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=None, t_prime
         terms = [(dist(p.float(), r.float(), reduction="none").flatten(1).mean(1) * (t < t_max)).mean()
                  for p, r in zip(pred, real)]
     if features == "all":
-        terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12) for d, r in zip(terms, real)]
+        terms = [d / dist(r.float(), torch.zeros_like(r, dtype=torch.float)).clamp(min=1e-12)
+                 for d, r in zip(terms, real)]
     loss = sum(terms) / len(terms)
     return loss if mse_lambda is None else F.mse_loss(v_hat, schedule.v_target(x0, eps, t)) + mse_lambda * loss
 
@@ -373,63 +368,24 @@ def objective(loss, model, perceptual_net, schedule, **options):
     return lambda x0, y: loss_fn(model, schedule, x0, y)
 
 
-def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options):
-    """The stated rule of --sp-with-mse auto: lambda = mean |grad L_mse| / mean |grad L_sp| over the weights, each
-    term's gradient taken on the same batch and (t, eps), over the given (x0, y) batches (one draw of t is noisy:
-    the two terms start with gradients of equal norm on average). Under DDP each gradient is first averaged over
-    the ranks, so that its norm is the whole batch's. Returns (lambda, [the ratio on each batch])."""
-    params = [p for p in model.parameters() if p.requires_grad]
-
-    def norm(loss):
-        g = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
-                       zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
-        if world > 1:
-            dist.all_reduce(g)
-            g /= world
-        return g.norm()
-    norms = []
-    for x0, y in batches:
-        t, eps = draw_t_eps(schedule, x0)
-        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps, **{**options, "mse_lambda": None})
-        norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
-    norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
-    ratios = [r if math.isfinite(r) else None for r in (norms[:, 0] / norms[:, 1]).tolist()]   # None: no L_sp grad
-    return (norms[:, 0].mean() / norms[:, 1].mean()).item(), ratios
-
-
 # =================================================================================================
 #             5. DDIM sampling with classifier-free guidance and its rescale (Common Diffusion)
 # =================================================================================================
 
-def max_forward_batch(device):
-    """The largest batch one forward pass should take: a CPU runs a batch of 128 slower per image than two of 64
-    (README: Speed), a GPU takes any batch. Every sampling path goes through this one number."""
-    return 64 if torch.device(device).type == "cpu" else None
-
-
-def forward_chunked(model_fn, x, t, y, max_batch):
-    """model_fn(x, t, y) in chunks of at most max_batch images (in one call when None)."""
-    if max_batch is None or len(x) <= max_batch:
-        return model_fn(x, t, y).float()
-    ys = [None] * len(x) if y is None else y.split(max_batch)
-    return torch.cat([model_fn(xc, tc, yc).float() for xc, tc, yc in zip(x.split(max_batch), t.split(max_batch), ys)])
-
-
-def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, max_batch=None, guide=None):
+def guided_v(model_fn, x, t, y, cfg_scale, cfg_rescale, guide=None):
     """v for one sampling step. Classifier-free guidance: v_cfg = v_uncond + w (v_cond - v_uncond), both
-    halves in one batched forward of 2N (chunked to max_batch). Rescale (Common Diffusion, sec. 3.4):
+    halves in one batched forward of 2N. Rescale (Common Diffusion, sec. 3.4):
     v_resc = v_cfg * std(v_cond) / std(v_cfg) per sample, then phi v_resc + (1 - phi) v_cfg. w = 1 costs a
     single forward of N. With a `guide` (autoguidance, Karras et al. 2024): the same formula with the guide's
     v in place of v_uncond, D_w = D_guide + w (D_main - D_guide), taken on v (linear in D at fixed x_t), with
     the same label y (None or the null label: unconditional); N forwards of each network."""
     if cfg_scale == 1.0:
-        return forward_chunked(model_fn, x, t, y, max_batch)
+        return model_fn(x, t, y).float()
     if guide is not None:
-        v_cond, v_uncond = forward_chunked(model_fn, x, t, y, max_batch), forward_chunked(guide, x, t, y, max_batch)
+        v_cond, v_uncond = model_fn(x, t, y).float(), guide(x, t, y).float()
     else:
         null = torch.full_like(y, model_fn.num_classes)
-        v_cond, v_uncond = forward_chunked(model_fn, torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null]),
-                                           max_batch).chunk(2)
+        v_cond, v_uncond = model_fn(torch.cat([x, x]), torch.cat([t, t]), torch.cat([y, null])).float().chunk(2)
     v_cfg = v_uncond + cfg_scale * (v_cond - v_uncond)
     if cfg_rescale > 0:
         dims = list(range(1, x.dim()))
@@ -446,7 +402,7 @@ def edm_sigma(alpha_bar_t):
 
 @torch.no_grad()
 def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
-           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), max_batch=None, guide=None):
+           spacing="trailing", generator=None, noise=None, cfg_interval=(0.0, math.inf), guide=None):
     """DDIM (Song et al. 2021) with v-prediction. model_fn(x, t, y) -> v is any callable with a `num_classes`
     attribute. x_T = `noise` (drawn from `generator` on the CPU when None, so results do not depend on the
     device). eta = 0 is deterministic DDIM, eta = 1 the DDPM-like ancestral sampler. The step after the last
@@ -457,7 +413,6 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
         raise ValueError("classifier-free guidance needs labels y")
     params = getattr(model_fn, "parameters", None)
     device = y.device if y is not None else next(params()).device if params else torch.device("cpu")
-    max_batch = max_forward_batch(device) if max_batch is None else max_batch
     x = (torch.randn(shape, generator=generator) if noise is None else noise).to(device)  # x_T: (N, C, H, W)
     ts = schedule.timesteps(steps, spacing).tolist()
     alpha_bar = schedule.alpha_bar.tolist()
@@ -467,7 +422,7 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
         ab_prev = alpha_bar[ts[i + 1]] if i + 1 < len(ts) else 1.0
         t_batch = torch.full((shape[0],), t, device=device, dtype=torch.long)
         w = cfg_scale if lo < edm_sigma(ab_t) <= hi else 1.0
-        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, max_batch, guide)
+        v = guided_v(model_fn, x, t_batch, y, w, cfg_rescale, guide=guide)
         x0_hat, eps_hat = schedule.pred_to_x0_eps(x, v, t_batch)
         # DDIM eq. 12: sigma_eta^2 = eta^2 (1 - ab_prev) / (1 - ab_t) (1 - ab_t / ab_prev).
         var = eta ** 2 * (1 - ab_prev) / (1 - ab_t) * (1 - ab_t / ab_prev) if eta > 0 else 0.0
@@ -480,6 +435,10 @@ def sample(model_fn, schedule, shape, y=None, steps=50, cfg_scale=1.0, cfg_resca
 # =================================================================================================
 #                                 6a. Data: shapes, CIFAR-10, a folder
 # =================================================================================================
+
+class UsageError(Exception):
+    """A problem with what the user typed or pointed at: printed as one line, exit code 2."""
+
 
 SHAPE_NAMES = ["circle", "square", "triangle", "diamond", "plus", "ring", "cross", "star", "bar", "crescent"]
 
@@ -537,7 +496,8 @@ def make_shapes(n, image_size=32, seed=0, chunk=1000):
         a = u(0, 2 * math.pi, 1, 1)
         w = ((torch.cos(a) * xx[::2, ::2] + torch.sin(a) * yy[::2, ::2]) / 2 + 0.5)[:, None]  # (m, 1, H, W)
         bg = bg1[:, :, None, None] * (1 - w) + bg2[:, :, None, None] * w
-        img = bg * (1 - mask) + fg[:, :, None, None] * mask + 0.02 * torch.randn(m, 3, image_size, image_size, generator=g)
+        noise = 0.02 * torch.randn(m, 3, image_size, image_size, generator=g)
+        img = bg * (1 - mask) + fg[:, :, None, None] * mask + noise
         images.append((img.clamp(0, 1) * 255).round().to(torch.uint8))
     return torch.cat(images), labels
 
@@ -575,12 +535,8 @@ def load_dataset(name, data_dir="data", image_size=32, train=True, seed=0):
     y = torch.tensor(ds.targets)
     if len(ds.classes) < 2:
         raise UsageError(f"--data {name!r} has {len(ds.classes)} class folder(s); the comparison needs at least 2")
-    held = heldout_split(y, seed)
-    if train:
-        return x[~held], y[~held], list(ds.classes), True
-    keep = held.nonzero().flatten()
-    keep = keep[stratified_order(y[keep], seed)]               # ImageFolder lists class by class: the rulers take
-    return x[keep], y[keep], list(ds.classes), True            # prefixes, and each prefix must hold every class
+    keep = heldout_split(y, seed) != train                     # the held-out share, or (train) all the rest
+    return x[keep], y[keep], list(ds.classes), True
 
 
 def check_data(name):
@@ -601,18 +557,6 @@ def heldout_split(y, seed):
         k = max(1, round(FOLDER_HELDOUT * len(idx))) if len(idx) > 1 else 0
         held[idx[torch.randperm(len(idx), generator=g)[:k]]] = True
     return held
-
-
-def stratified_order(y, seed):
-    """A seeded order of labels y in which every prefix holds each class in proportion (within about 1.5 images):
-    position k takes the class furthest behind k n_c / N, each class's images in a seeded random order."""
-    g, classes = torch.Generator().manual_seed(seed), y.unique().tolist()
-    pools = {c: (y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)].tolist() for c in classes}
-    n, order = {c: len(pools[c]) for c in classes}, []
-    for k in range(1, len(y) + 1):
-        c = max((c for c in classes if pools[c]), key=lambda c: k * n[c] / len(y) - (n[c] - len(pools[c])))
-        order.append(pools[c].pop())
-    return torch.tensor(order)
 
 
 def to_model_range(x_uint8):
@@ -675,7 +619,7 @@ def model_from_checkpoint(ckpt, weights="ema"):
     """The UNet described by the checkpoint's config, with its EMA (default) or raw weights."""
     try:
         model = UNet(**model_kwargs(ckpt["config"]))
-    except (KeyError, TypeError, ValueError) as e:
+    except (KeyError, TypeError, ValueError, AssertionError) as e:
         raise UsageError(f"the checkpoint's config is incomplete or malformed ({type(e).__name__}: {e})")
     load_weights(model, ckpt[weights], f"the checkpoint's {weights} weights")
     return model
@@ -692,25 +636,22 @@ def writable_dir(path, flag):
     return path
 
 
-def image_extensions():
-    """The file extensions PIL can write, such as .png and .jpg."""
-    from PIL import Image
-    Image.init()
-    return sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
-
-
-def writable_file(path, flag, extensions):
-    """Check, before any work, that `path` can be written: a known extension, an existing writable folder, not
-    itself a folder. UsageError otherwise."""
+def writable_file(path, flag, extensions=None):
+    """Check, before any work, that `path` can be written: a known extension (None: the image formats PIL can
+    write, such as .png and .jpg), an existing writable folder, not itself a folder. UsageError otherwise."""
+    if extensions is None:
+        from PIL import Image
+        Image.init()
+        extensions = sorted(ext for ext, fmt in Image.registered_extensions().items() if fmt in Image.SAVE)
     folder = os.path.dirname(path) or "."
     if os.path.splitext(path)[1].lower() not in extensions:
-        shown = ", ".join(extensions) if len(extensions) < 6 else ", ".join(e for e in extensions if e in (".png", ".jpg", ".bmp")) + ", ..."
+        shown = ", ".join(extensions) if len(extensions) < 6 else ".bmp, .jpg, .png, ..."
         raise UsageError(f"{flag} {path!r}: the file name must end in {shown}")
     if os.path.isdir(path):
         raise UsageError(f"{flag} {path!r} is a folder; give a file name")
     if not os.path.isdir(folder):
-        raise UsageError(f"{flag} {path!r}: {folder!r} " + ("is a file, not a folder" if os.path.exists(folder) else
-                                                             "does not exist"))
+        what = "is a file, not a folder" if os.path.exists(folder) else "does not exist"
+        raise UsageError(f"{flag} {path!r}: {folder!r} {what}")
     if not os.access(folder, os.W_OK | os.X_OK):
         raise UsageError(f"{flag} {path!r}: the folder {folder!r} is not writable")
     return path
@@ -720,8 +661,8 @@ def writable_file(path, flag, extensions):
 #                     6c. Training: one plain function; DDP when launched by torchrun
 # =================================================================================================
 
-# Valid ranges, declared once beside each flag: each is an argparse `type` (a bad value is one line naming the
-# flag, the value and the range; exit code 2) and train() checks a config given in Python with the same function.
+# Valid ranges, declared once beside each flag as its argparse `type` (a bad value is one line naming the flag, the
+# value and the range; exit code 2). The rules that tie flags together are check_flags, at the command line's door.
 def ranged(kind, ok, what):
     """A parser of `kind` (int or float) whose values must satisfy ok(v); `what` names the range in messages."""
     def parse(text):
@@ -787,30 +728,32 @@ def INT_LIST(text):
 
 # Every hyperparameter of `train`: name, default, valid values (a parser above, a tuple of choices, or None for
 # free text and switches), one line of help. The command line is built from this table, and a checkpoint stores
-# the whole config. Model defaults come from UNet's signature.
-_unet = inspect.signature(UNet).parameters
+# the whole config. The model defaults are UNet's (a test holds them equal), so UNet() is the default model.
 TRAIN_ARGS = [
     # data
-    ("data", "shapes", None, "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class subfolders"),
+    ("data", "shapes", None, "data set: shapes (built in, no network), cifar10 (downloads), or a folder of class "
+     "subfolders"),
     ("data_dir", "data", None, "where cifar10 is downloaded to / read from"),
-    ("image_size", _unet["image_size"].default, POS_INT, "image side in pixels"),
+    ("image_size", 32, POS_INT, "image side in pixels"),
     ("no_flip", False, None, "no random horizontal flips (for data that must not be mirrored, such as digits)"),
     ("unconditional", False, None, "ignore the labels: an unconditional model (guidance is then impossible)"),
     # model
-    ("channels", _unet["channels"].default, POS_INT, "UNet base channels"),
-    ("channel_mult", ",".join(map(str, _unet["channel_mult"].default)), INT_LIST, "channel multiplier per resolution level, comma-separated"),
-    ("num_res_blocks", _unet["num_res_blocks"].default, POS_INT, "residual blocks per level"),
-    ("attn_res", ",".join(map(str, _unet["attn_resolutions"].default)), INT_LIST, "resolutions (pixels) with self-attention, comma-separated"),
-    ("dropout", _unet["dropout"].default, PROB, "dropout in the residual blocks"),
+    ("channels", 32, POS_INT, "UNet base channels"),
+    ("channel_mult", "1,2,2", INT_LIST, "channel multiplier per resolution level, comma-separated"),
+    ("num_res_blocks", 1, POS_INT, "residual blocks per level"),
+    ("attn_res", "8", INT_LIST, "resolutions (pixels) with self-attention, comma-separated"),
+    ("dropout", 0.0, PROB, "dropout in the residual blocks"),
     # diffusion
     ("T", 1000, POS_INT, "training timesteps"),
-    ("betas", "scaled_linear", ("scaled_linear", "linear", "cosine"), "beta schedule (scaled_linear is the paper's); always rescaled to zero terminal SNR"),
+    ("betas", "scaled_linear", ("scaled_linear", "linear", "cosine"), "beta schedule (scaled_linear is the paper's); "
+     "always rescaled to zero terminal SNR"),
     # objective and optimisation
     ("loss", "mse", tuple(LOSSES), "objective: mse (stage 1) or self-perceptual (stage 2, needs --init)"),
     ("init", "", None, "stage-1 checkpoint: the online model starts from its EMA weights, f* is a frozen copy of them"),
     ("resume", "", None, "a run folder to continue from its ckpt.pt (model, EMA, optimizer, step, data order)"),
     # the paper's ablations of the self-perceptual objective; each default is the paper's choice
-    ("sp_features", "mid", ("mid", "all"), "f* features compared: mid (the mid block) or all (every down and mid block, each normalised)"),
+    ("sp_features", "mid", ("mid", "all"), "f* features compared: mid (the mid block) or all (every down and mid "
+     "block, each normalised)"),
     ("sp_t_prime", "independent", ("independent", "same"), "t' drawn independently of t, or t' = t (degenerate)"),
     ("sp_distance", "mse", ("mse", "mae"), "distance between the feature maps"),
     ("perceptual_net", "frozen", ("frozen", "ema"), "f*: a frozen copy of stage 1, or the online model's EMA"),
@@ -827,17 +770,22 @@ TRAIN_ARGS = [
     ("cooldown", 0.0, UNIT, "fraction of the steps at the end over which the rate decays to --final-lr as 1 - sqrt "
      "(Hagele et al. 2024); 0 = constant after warm-up, as in DDPM and DiT"),
     ("final_lr", 0.0, NONNEG_FLOAT, "the learning rate at the last step of a cool-down"),
-    ("guide_at", 0, NONNEG_INT, "also save the EMA weights at this step as guide.pt, a weaker model for autoguidance (0: none)"),
+    ("guide_at", 0, NONNEG_INT, "also save the EMA weights at this step as guide.pt, a weaker model for autoguidance "
+     "(0: none)"),
     ("weight_decay", 0.0, NONNEG_FLOAT, "AdamW weight decay"),
     ("grad_clip", 1.0, POS_FLOAT, "clip the global gradient norm to this"),
-    ("ema_decay", 0.999, PROB, "EMA decay of the weights (short runs need lower; warmed up as min(decay, (1+s)/(10+s)))"),
-    ("label_dropout", 0.1, PROB, "probability of replacing the label by the null label (enables classifier-free guidance)"),
+    ("ema_decay", 0.999, PROB, "EMA decay of the weights (short runs need lower; warmed up as min(decay, "
+     "(1+s)/(10+s)))"),
+    ("label_dropout", 0.1, PROB, "probability of replacing the label by the null label (enables classifier-free "
+     "guidance)"),
     # bookkeeping
     ("out", "runs/run", None, "run folder: ckpt.pt, sample grids, config.json"),
     ("seed", 0, ANY_INT, "random seed (data order, noise, timesteps); the data set itself uses --data-seed"),
     ("data_seed", 0, ANY_INT, "seed of the built-in shapes data set"),
-    ("device", best_device(), DEVICE, "device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps (default: auto)"),
-    ("precision", "auto", ("auto", "bf16", "fp32"), "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, fp32 elsewhere"),
+    ("device", best_device(), DEVICE, "device: auto (cuda, else mps, else cpu), cpu, cuda, cuda:N or mps "
+     "(default: auto)"),
+    ("precision", "auto", ("auto", "bf16", "fp32"), "bf16 or fp32 autocast; auto = bf16 on CUDA with bf16 support, "
+     "fp32 elsewhere"),
     ("compile", False, None, "wrap the model in torch.compile"),
     ("log_every", 50, POS_INT, "print a log line every N steps"),
     ("sample_every", 500, NONNEG_INT, "write a sample grid every N steps (0: never)"),
@@ -885,68 +833,40 @@ def native_bf16(device):
 def resolve_precision(device, precision):
     """auto -> bf16 where the device has native bf16 (native_bf16), fp32 elsewhere (on a CPU without native bf16,
     bf16 is ~15x slower; on Apple's mps, fp32)."""
-    if precision == "auto":
-        return "bf16" if native_bf16(device) else "fp32"
-    return precision
+    return ("bf16" if native_bf16(device) else "fp32") if precision == "auto" else precision
 
 
 def autocast(device, precision):
     """bf16 autocast where asked (see resolve_precision), else a no-op."""
-    if resolve_precision(device, precision) == "bf16":
-        return torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
-    return nullcontext()
+    bf16 = resolve_precision(device, precision) == "bf16"
+    return torch.autocast(torch.device(device).type, dtype=torch.bfloat16) if bf16 else nullcontext()
 
 
 def distributed():
     """(rank, world_size, local_rank) from torchrun's environment; (0, 1, 0) for a plain process."""
-    if "RANK" not in os.environ:
-        return 0, 1, 0
-    return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    env = os.environ
+    return (int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0))) if "RANK" in env else (0, 1, 0)
 
 
-def rank0_first(world, fn):
-    """fn() on rank 0, then on the other ranks; a UsageError on rank 0 is raised on every rank (none waits forever)."""
-    if world == 1:
-        return fn()
-    failed, result = [None], None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except UsageError as e:
-            failed[0] = str(e)
-    dist.broadcast_object_list(failed, src=0)
-    dist.barrier()                                                 # all have it before any rank leaves on an error
-    if failed[0]:
-        raise UsageError(failed[0])
-    return result if dist.get_rank() == 0 else fn()
-
-
-def check_value(flag, check, value):
-    """One value against its declared range (a tuple of choices, a parser from ranged(), or None): UsageError if not."""
-    if isinstance(check, tuple) and value not in check:
-        raise UsageError(f"argument {flag}: must be one of {', '.join(check)}, got {value!r}")
-    if callable(check):
-        try:
-            check(value)
-        except argparse.ArgumentTypeError as e:
-            raise UsageError(f"argument {flag}: {e}")
-
-
-def check_config(cfg):
-    """Every value against the range TRAIN_ARGS declares for it, then the rules that tie flags together: a bad
-    value is one line and exit code 2 (via UsageError), before any work."""
-    for name, _, check, _ in TRAIN_ARGS:
-        check_value("--" + name.replace("_", "-"), check, cfg[name])
+def check_flags(cfg):
+    """The rules that tie flags together (each flag's own range is its argparse type): a config that breaks one is
+    refused in one line, exit code 2 (UsageError), before any work. train's command line checks here, and so do the
+    experiment's presets; train() itself asserts only what it relies on."""
+    levels = len(int_list(cfg["channel_mult"]))
     if cfg["loss"] == "self-perceptual" and not cfg["init"] and not cfg["resume"]:
         raise UsageError("--loss self-perceptual needs --init STAGE1_RUN/ckpt.pt (a model trained with --loss mse)")
-    if not int_list(cfg["channel_mult"]):
+    if not levels:
         raise UsageError("--channel-mult needs at least one level, such as 1,2,2")
+    if cfg["image_size"] % 2 ** (levels - 1):
+        raise UsageError(f"--image-size {cfg['image_size']} cannot be halved {levels - 1} times down to the UNet's "
+                         f"deepest level (--channel-mult has {levels} levels): use a multiple of {2 ** (levels - 1)}")
     if cfg["cooldown"] and cfg["final_lr"] > cfg["lr"]:
         raise UsageError(f"--final-lr {cfg['final_lr']:g} is above --lr {cfg['lr']:g}: a cool-down lowers the rate")
     if cfg["precision"] == "bf16" and torch.device(cfg["device"]).type == "mps":
         raise UsageError("--precision bf16 is not supported on mps here: use fp32 (or auto)")
     if cfg["guide_at"] > cfg["steps"]:
-        raise UsageError(f"--guide-at {cfg['guide_at']} is past the last step ({cfg['steps']}): no guide would be saved")
+        raise UsageError(f"--guide-at {cfg['guide_at']} is past the last step ({cfg['steps']}): no guide would be "
+                         "saved")
     check_data(cfg["data"])
 
 
@@ -981,7 +901,8 @@ class Batches:
 
     def __init__(self, n, batch_per_rank, rank, world, seed, device="cpu"):
         from torch.utils.data import DistributedSampler
-        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
+        self.sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=True, seed=seed,
+                                          drop_last=True)
         self.b, self.device = batch_per_rank, device
         self.per_epoch = len(self.sampler) // batch_per_rank
         if self.per_epoch == 0:
@@ -1006,8 +927,8 @@ def save_grid(x, path, nrow):
 def save_samples(x, y, out, npz, nrow):
     """The grid `out` and/or the .npz `npz` (uint8 NHWC arr_0 and labels, as FID tools read). A write that fails
     after sampling (disk full, folder removed) keeps the samples as an .npz in the temporary folder and says where."""
-    arrays = dict(arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy(),
-                  labels=y.numpy() if y is not None else np.zeros(len(x), np.int64))
+    arrays = dict(arr_0=to_uint8(x).permute(0, 2, 3, 1).numpy(), labels=np.zeros(len(x), np.int64) if y is None
+                  else y.numpy())
     try:
         if out:
             save_grid(x, out, nrow)
@@ -1086,162 +1007,268 @@ def metrics_log(out, step):
     return open(path, "a")
 
 
+def agreed(world, fn, view=None, differ=""):
+    """fn() on this rank, and under DDP a UsageError on any rank raised on every rank alike (none waits forever for
+    another). view(result): what each rank read, by content; the ranks must agree on it (they read one --init and
+    --out, on a filesystem that every node shares), else UsageError(differ)."""
+    try:
+        result, error = fn(), None
+    except UsageError as e:
+        result, error = None, str(e)
+    if world > 1:
+        views = [None] * world
+        dist.all_gather_object(views, error or (view(result) if view else None))
+        error = error or next((v for v in views if isinstance(v, str)), None)
+        if not error and len(set(views)) > 1:
+            error = differ
+    if error:
+        raise UsageError(error)
+    return result
+
+
+def start_state(cfg, out, world):
+    """Where the run starts: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's
+    --out: see continued_run). A bad path fails here, before any work, on every rank alike. -> (cfg, init, ckpt)"""
+    def read():
+        try:
+            init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
+            path = os.path.join(out, "ckpt.pt")
+            ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
+            return (cfg if ckpt is None else continued_run(cfg, ckpt, out, init)), init, ckpt
+        except (OSError, KeyError, IndexError, ValueError) as e:
+            raise UsageError(f"cannot read --init or --out {out}: {type(e).__name__}: {e}")
+    seen = lambda r: (r[1] and origin_of(r[1])["init_hash"], r[2] and (r[2]["step"], weights_hash(r[2]["ema"])))
+    return agreed(world, read, seen, f"the ranks see different files in --init or --out {out}: put them on a "
+                  "filesystem that every node shares")
+
+
+def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options):
+    """The stated rule of --sp-with-mse auto: lambda = mean |grad L_mse| / mean |grad L_sp| over the weights, each
+    term's gradient taken on the same batch and (t, eps), over the given (x0, y) batches (one draw of t is noisy:
+    the two terms start with gradients of equal norm on average). Under DDP each gradient is first averaged over
+    the ranks, so that its norm is the whole batch's. Returns (lambda, [the ratio on each batch])."""
+    params = [p for p in model.parameters() if p.requires_grad]
+
+    def norm(loss):
+        g = torch.cat([(g if g is not None else torch.zeros_like(p)).flatten() for g, p in
+                       zip(torch.autograd.grad(loss, params, allow_unused=True), params)])
+        if world > 1:
+            dist.all_reduce(g)
+            g /= world
+        return g.norm()
+    norms = []
+    for x0, y in batches:
+        t, eps = draw_t_eps(schedule, x0)
+        sp = self_perceptual_loss(model, perceptual_net, schedule, x0, y, t=t, eps=eps,
+                                  **{**options, "mse_lambda": None})
+        norms.append(torch.stack([norm(mse_loss(model, schedule, x0, y, t, eps)), norm(sp)]))
+    norms = torch.stack(norms).double()                           # (batches, 2); one host read, once per run
+    ratios = [r if math.isfinite(r) else None for r in (norms[:, 0] / norms[:, 1]).tolist()]   # None: no L_sp grad
+    return (norms[:, 0].mean() / norms[:, 1].mean()).item(), ratios
+
+
+def set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank):
+    """--sp-with-mse's lambda, computed once per run and stored in the config (sp_lambda_value): the number given, or
+    auto: balanced_lambda over the run's first LAMBDA_BATCHES batches (no flips or label dropout), its spread over
+    those batches recorded beside it (sp_lambda_ratios)."""
+    lam = cfg["sp_with_mse"]
+    if lam == "auto":
+        torch.manual_seed(cfg["seed"] * 4096 + rank)
+        device = next(model.parameters()).device
+        first = [(to_model_range(images[i]).to(device), labels[i].to(device))
+                 for i in map(batches.indices, range(LAMBDA_BATCHES))]
+        lam, ratios = balanced_lambda(model, perceptual_net, schedule, first, world, **sp_options(cfg))
+        if not 0 < lam < math.inf:
+            raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batches "
+                             f"(lambda {lam}): give LAMBDA as a number")
+        cfg["sp_lambda_ratios"] = ratios                           # its spread over the batches, recorded beside it
+    cfg["sp_lambda_value"] = float(lam)
+
+
+NEVER = 2 ** 62              # the first non-finite step's value while there is none
+
+
+def read_sums(loss_sum, gnorm_sum, first_bad, stop_asked, world, out):
+    """The training loop's one host sync, at log, checkpoint and stop-poll steps alone (the other steps never wait for
+    the GPU): the loss and gradient-norm sums kept on the device since the last log line, the first step whose loss
+    or gradient was not finite, and every rank's stop flag, reduced over the ranks so that every rank sees the same.
+    A step that was not finite stops the run, before any checkpoint has its weights. -> (loss sum, norm sum, stop)"""
+    sums = torch.stack([loss_sum, gnorm_sum, torch.full((), float(stop_asked), device=loss_sum.device)])
+    bad = first_bad.clone()
+    if world > 1:
+        dist.all_reduce(sums)                                      # every rank sees the same loss and stop flag
+        dist.all_reduce(bad, op=dist.ReduceOp.MIN)
+        sums[:2] /= world
+    loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
+    if bad != NEVER:
+        last = os.path.join(out, "ckpt.pt")
+        good = f"; the last good one is {last}" if os.path.exists(last) else ""
+        raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); stopped without "
+                                 f"writing a checkpoint{good}")
+    return loss_total, gnorm_total, stopping > 0
+
+
+def join_ranks(cfg):
+    """(rank, world size, device) of this process. Under torchrun each rank takes its own GPU (LOCAL_RANK) and joins
+    the process group, whose timeout covers rank 0's download of the data (DATA_TIMEOUT)."""
+    rank, world, local_rank = distributed()
+    device = torch.device(cfg["device"])
+    if world > 1 and device.type == "cuda":
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+    if cfg["batch_size"] % world:
+        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
+    return rank, world, device
+
+
+def finished_run(ckpt, out, device, log):
+    """A run whose checkpoint is at its last step, reused as it is: nothing is trained or written."""
+    log(f"reusing the finished run in {out} ({ckpt['step']} steps): left as it is")
+    ema = model_from_checkpoint(ckpt).to(device).eval()
+    return ema, {"steps": ckpt["step"], "total_steps": ckpt.get("total_steps", ckpt["step"]), "reused": True,
+                 "train_seconds": ckpt.get("train_seconds", 0.0), "params": sum(p.numel() for p in ema.parameters()),
+                 "config": ckpt["config"], "model": None, "origin": ckpt.get("origin"), "stopped": False}
+
+
+def build_models(cfg, init, ckpt, device):
+    """The online model (random, from --init's EMA weights, or resumed), its EMA, f* and the optimizer."""
+    torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
+    model = UNet(**model_kwargs(cfg)).to(device)
+    if ckpt is not None:
+        load_weights(model, ckpt["model"], "the resumed checkpoint")
+    elif init is not None:
+        check_same_arch(cfg, init, cfg["init"])
+        load_weights(model, init["ema"], f"--init {cfg['init']}")
+    ema, perceptual_net = frozen_copy(model), None
+    if cfg["loss"] == "self-perceptual":  # f*: a frozen copy of the stage-1 EMA weights, or (the ablation) the EMA
+        perceptual_net = frozen_copy(model) if cfg["perceptual_net"] == "frozen" else ema
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
+    if ckpt is not None:
+        load_weights(ema, ckpt["ema"], "the resumed EMA")
+        load_weights(opt, ckpt["optimizer"], "the resumed optimizer state")
+        if perceptual_net not in (None, ema):
+            load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
+    return model, ema, perceptual_net, opt
+
+
+def log_line(metrics, rec, steps, left, log):
+    """A log step: its record appended to the metrics log (flushed: a kill loses none of it) and its line printed."""
+    metrics.write(json.dumps(rec) + "\n")
+    metrics.flush()
+    log(f"step {rec['step']}/{steps} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | lr {rec['lr']:.2e} | "
+        f"grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
+
+
+def start_log(out, cfg, step, resumed, n_images, setup, log):
+    """Rank 0's start of a run: its config.json, its metrics log (metrics_log, returned) and its first lines."""
+    with open(os.path.join(out, "config.json"), "w") as f:
+        json.dump(cfg, f, indent=1)
+    metrics = metrics_log(out, step)
+    if resumed:
+        log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
+    held = f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
+    held = "" if cfg["data"] in ("shapes", "cifar10") else held
+    log(f"{cfg['loss']} on {cfg['data']} ({n_images} images{held}, {cfg['num_classes']} classes), {setup}, "
+        f"steps {step}->{cfg['steps']}")
+    return metrics
+
+
+@contextmanager
+def training_context(device, stop, metrics):
+    """While training: SIGINT / SIGTERM set stop["signal"] (the loop finishes the current step, writes the checkpoint
+    and exits cleanly), and TF32 is on where the device has native bf16; both are restored when training ends
+    (evaluation is fp32), and the metrics log is closed."""
+    handlers = {s: signal.signal(s, lambda signum, frame: stop.update(signal=signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    if native_bf16(device):
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    try:
+        yield
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
+        if metrics is not None:
+            metrics.close()
+
+
+def training_batch(cfg, images, labels, idx, flip, device):
+    """The images idx in [-1, 1] (B, 3, H, W), h-flipped at random where `flip`, and their labels (B,) with label
+    dropout: the same network learns v_uncond through the null label. This is what makes classifier-free guidance
+    possible at sampling time."""
+    x0, y = to_model_range(images[idx]).to(device), labels[idx].to(device)
+    if flip:
+        x0 = torch.where((torch.rand(len(idx), device=device) < 0.5)[:, None, None, None], x0.flip(3), x0)
+    if cfg["num_classes"]:
+        y = torch.where(torch.rand(len(idx), device=device) < cfg["label_dropout"], cfg["num_classes"], y)
+    return x0, y
+
+
 def train(cfg, log=print):
     """Train with cfg["loss"] (see TRAIN_ARGS) and return (ema_model, stats). Launched by torchrun, it runs
     data-parallel: every rank computes its share of the global batch, DDP averages the gradients, so every
     rank holds the same weights after each step; rank 0 alone logs, samples and writes checkpoints. An --out that
     holds a checkpoint is continued (or, finished, left as it is) when it is the same run, else refused."""
     cfg = {**TRAIN_DEFAULTS, **cfg}
-    check_config(cfg)
+    assert cfg["loss"] == "mse" or cfg["init"] or cfg["resume"], "self-perceptual needs --init (see check_flags)"
     cfg["sp_with_mse"] = SP_LAMBDA(cfg["sp_with_mse"])
-    rank, world, local_rank = distributed()
-    device = torch.device(cfg["device"])
-    if world > 1 and device.type == "cuda":
-        device = torch.device("cuda", local_rank)
-        torch.cuda.set_device(device)
-    master = rank == 0
-    out = cfg["resume"] or cfg["out"]
-
-    if cfg["batch_size"] % world:
-        raise UsageError(f"--batch-size {cfg['batch_size']} is not divisible by the {world} ranks")
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", timeout=DATA_TIMEOUT)
-
-    # ---- state: fresh, from a stage-1 checkpoint (--init), or continued (--resume, or the same run's --out) ----
-    step, path = 0, os.path.join(out, "ckpt.pt")
-    init, ckpt, error, seen = None, None, None, None
-    try:                                                           # a bad path fails here, before any work
-        init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
-        ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
-        if ckpt is not None:
-            cfg, step = continued_run(cfg, ckpt, out, init), ckpt["step"]
-        if world > 1:                                              # what this rank read, by content
-            seen = (init and origin_of(init)["init_hash"], ckpt and (step, weights_hash(ckpt["ema"])))
-    except (UsageError, OSError, KeyError, IndexError, ValueError) as e:
-        error = f"{e}" if isinstance(e, UsageError) else f"cannot read --init or --out {out}: {type(e).__name__}: {e}"
-    if world > 1:          # every rank must decide alike: they read one --init and --out, on a shared filesystem
-        views = [None] * world
-        dist.all_gather_object(views, error or seen)
-        error = error or next((v for v in views if isinstance(v, str)), None)
-        if not error and len(set(views)) > 1:
-            error = (f"the ranks see different files in --init or --out {out}: put them on a filesystem that every "
-                     "node shares")
-    if error:
-        raise UsageError(error)
-    if ckpt is not None:
-        if step == cfg["steps"]:                                   # finished: nothing is trained or written
-            if master:
-                log(f"reusing the finished run in {out} ({step} steps): left as it is")
-            ema = model_from_checkpoint(ckpt).to(device).eval()
-            return ema, {"steps": step, "total_steps": ckpt.get("total_steps", step), "reused": True,
-                         "train_seconds": ckpt.get("train_seconds", 0.0),
-                         "params": sum(p.numel() for p in ema.parameters()),
-                         "config": ckpt["config"], "model": None, "origin": ckpt.get("origin"), "stopped": False}
-    writable_dir(out, "--resume" if cfg["resume"] else "--out")       # every rank, before any data is loaded or step taken
+    rank, world, device = join_ranks(cfg)
+    master, out = rank == 0, cfg["resume"] or cfg["out"]
+    cfg, init, ckpt = start_state(cfg, out, world)
+    step = 0 if ckpt is None else ckpt["step"]
+    if ckpt is not None and step == cfg["steps"]:                  # finished: nothing is trained or written
+        return finished_run(ckpt, out, device, log if master else lambda line: None)
+    writable_dir(out, "--resume" if cfg["resume"] else "--out")    # every rank, before any data is loaded or step taken
     # Rank 0 alone downloads or prepares the data, then the others read it: no race on one download folder.
-    images, labels, class_names, flip_ok = rank0_first(world, lambda: load_dataset(
-        cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"]))
+    load = lambda: load_dataset(cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"])
+    data = agreed(world, load if master else lambda: None)
+    images, labels, class_names, flip_ok = agreed(world, (lambda: data) if master else load)
     if device.type == "cuda" and images.nbytes < 0.25 * torch.cuda.mem_get_info(device)[0]:
         images, labels = images.to(device), labels.to(device)     # CIFAR-10 is 153 MB: no host copy per step
     cfg["num_classes"] = 0 if cfg["unconditional"] else len(class_names)
-    torch.manual_seed(cfg["seed"])                                 # the same initial weights on every rank
-    model = UNet(**model_kwargs(cfg)).to(device)
-    perceptual_net = None
-    if ckpt is not None:
-        load_weights(model, ckpt["model"], "the resumed checkpoint")
-    elif init is not None:
-        check_same_arch(cfg, init, cfg["init"])
-        load_weights(model, init["ema"], f"--init {cfg['init']}")
-    ema = frozen_copy(model)
-    seconds_before = ckpt.get("train_seconds", 0.0) if ckpt is not None else 0.0
+    model, ema, perceptual_net, opt = build_models(cfg, init, ckpt, device)
+    seconds_before = 0.0 if ckpt is None else ckpt.get("train_seconds", 0.0)
     # Provenance: a stage 2 records which stage-1 weights it started from, so a stale one is never reused.
     origin = ckpt.get("origin") if ckpt is not None else origin_of(init) if init is not None else None
-    steps_before = origin["init_steps"] if origin else 0               # total steps count from initialisation
-    if cfg["loss"] == "self-perceptual" and cfg["perceptual_net"] == "frozen":
-        perceptual_net = frozen_copy(model)                       # f*: frozen copy of the stage-1 EMA weights
-        if ckpt is not None:
-            load_weights(perceptual_net, ckpt.get("perceptual"), "the resumed perceptual network")
-    elif cfg["loss"] == "self-perceptual":
-        perceptual_net = ema                                      # the ablation: f* follows the online model's EMA
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg["lr"], weight_decay=cfg["weight_decay"])
-    if ckpt is not None:
-        load_weights(ema, ckpt["ema"], "the resumed EMA")
-        load_weights(opt, ckpt["optimizer"], "the resumed optimizer state")
-    schedule = schedule_from(cfg)
-    n_params = sum(p.numel() for p in model.parameters())
+    steps_before = origin["init_steps"] if origin else 0           # total steps count from initialisation
+    schedule, n_params = schedule_from(cfg), sum(p.numel() for p in model.parameters())
     net = torch.compile(model) if cfg["compile"] else model
     if world > 1:
         net = nn.parallel.DistributedDataParallel(net, device_ids=[device.index] if device.type == "cuda" else None)
     batches = Batches(len(images), cfg["batch_size"] // world, rank, world, cfg["seed"], images.device)
     if cfg["loss"] == "self-perceptual" and cfg["sp_with_mse"] and "sp_lambda_value" not in cfg:
-        lam = cfg["sp_with_mse"]                                   # a number, or computed once here and stored
-        if lam == "auto":                                          # the first batches, no flips or label dropout
-            torch.manual_seed(cfg["seed"] * 4096 + rank)
-            first = [(to_model_range(images[idx]).to(device), labels[idx].to(device))
-                     for idx in map(batches.indices, range(LAMBDA_BATCHES))]
-            lam, ratios = balanced_lambda(model, perceptual_net, schedule, first, world, **sp_options(cfg))
-            if not 0 < lam < math.inf:
-                raise UsageError(f"--sp-with-mse auto: the self-perceptual term has no gradient on the first batches "
-                                 f"(lambda {lam}): give LAMBDA as a number")
-            cfg["sp_lambda_ratios"] = ratios                       # its spread over the batches, recorded beside it
-        cfg["sp_lambda_value"] = float(lam)
+        set_mse_lambda(cfg, model, perceptual_net, schedule, images, labels, batches, world, rank)
     loss_of = objective(cfg["loss"], net, perceptual_net, schedule, **sp_options(cfg))
-    cfg["precision"] = resolve_precision(device, cfg["precision"])   # stored as run: "auto" means another thing elsewhere
+    cfg["precision"] = resolve_precision(device, cfg["precision"])  # as run: "auto" means another thing elsewhere
     amp = autocast(device, cfg["precision"])
-    metrics = None
-    if master:
-        with open(os.path.join(out, "config.json"), "w") as f:
-            json.dump(cfg, f, indent=1)
-        metrics = metrics_log(out, step)
-        if ckpt is not None:
-            log(f"resumed from {os.path.join(out, 'ckpt.pt')} at step {step}")
-        held = "" if cfg["data"] in ("shapes", "cifar10") else f"; {FOLDER_HELDOUT:.0%} of each class held out for the rulers"
-        log(f"{cfg['loss']} on {cfg['data']} ({len(images)} images{held}, {cfg['num_classes']} classes), "
-            f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}, steps {step}->{cfg['steps']}")
+    setup = f"{n_params / 1e6:.2f}M parameters, {world} rank(s) on {device}"
+    metrics = start_log(out, cfg, step, ckpt is not None, len(images), setup, log) if master else None
 
-    def checkpoint():
-        """Rank 0 writes everything a resume needs, atomically, after the metrics log up to this step."""
+    def checkpoint(name="ckpt.pt", **state):
+        """Rank 0 writes everything a resume needs, atomically, after the metrics log up to this step (or `state`)."""
         if master:
             metrics.flush()
-            state = {"config": cfg, "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
-                     "optimizer": opt.state_dict(), "train_seconds": seconds_before + time.time() - t0,
-                     "origin": origin, "total_steps": steps_before + step}
-            if perceptual_net is not None:
-                state["perceptual"] = perceptual_net.state_dict()
-            save_checkpoint(os.path.join(out, "ckpt.pt"), state)
-
-    # SIGINT / SIGTERM: finish the current step, write the checkpoint, exit cleanly.
-    stop = {"signal": None}
-    handler = lambda signum, frame: stop.update(signal=signum)
-    old_handlers = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+            state = state or {"model": model.state_dict(), "optimizer": opt.state_dict(), "origin": origin,
+                              "train_seconds": seconds_before + time.time() - t0, "total_steps": steps_before + step,
+                              **({"perceptual": perceptual_net.state_dict()} if perceptual_net is not None else {})}
+            save_checkpoint(os.path.join(out, name), {"config": cfg, "step": step, "ema": ema.state_dict(), **state})
 
     fixed_noise = torch.randn(64, 3, cfg["image_size"], cfg["image_size"], generator=torch.Generator().manual_seed(1))
     fixed_y = torch.arange(64) % max(cfg["num_classes"], 1)
     ema_params, params = list(ema.parameters()), list(model.parameters())
-    # Sums since the last log line and the first step whose loss was not finite (NEVER: none), kept on the device:
-    # the host reads them only at log, checkpoint and stop-poll steps, so the other steps never wait for the GPU.
-    NEVER = 2 ** 62
+    # Sums since the last log line and the first step whose loss was not finite, kept on the device: read_sums.
     loss_sum, gnorm_sum = torch.zeros((), device=device), torch.zeros((), device=device)
     first_bad = torch.full((), NEVER, dtype=torch.long, device=device)
     model.train()
-    t0, t_log, start_step, log_step, stopped = time.time(), time.time(), step, step, False
-    tf32 = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
-    if native_bf16(device):                                        # restored when training ends (evaluation is fp32)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
-    try:
+    t0, t_log, start_step, log_step, stopped, stop = time.time(), time.time(), step, step, False, {"signal": None}
+    with training_context(device, stop, metrics):
         while step < cfg["steps"]:
             # The randomness of a step is a function of (seed, step, rank): a resumed run draws the same numbers.
             torch.manual_seed((cfg["seed"] * 1_000_003 + step) * 4096 + rank)
-            idx = batches.indices(step)
-            x0 = to_model_range(images[idx]).to(device)              # (B, 3, H, W) in [-1, 1]
-            y = labels[idx].to(device)                               # (B,)
-            if flip_ok and not cfg["no_flip"]:
-                flip = torch.rand(len(idx), device=device) < 0.5
-                x0 = torch.where(flip[:, None, None, None], x0.flip(3), x0)
-            if cfg["num_classes"]:
-                # Label dropout: the same network learns v_uncond through the null label. This is what makes
-                # classifier-free guidance possible at sampling time.
-                y = torch.where(torch.rand(len(idx), device=device) < cfg["label_dropout"], cfg["num_classes"], y)
+            x0, y = training_batch(cfg, images, labels, batches.indices(step), flip_ok and not cfg["no_flip"], device)
             lr = learning_rate(cfg, step)
             for group in opt.param_groups:
                 group["lr"] = lr
@@ -1263,37 +1290,18 @@ def train(cfg, log=print):
             step += 1
             log_now = step % cfg["log_every"] == 0 or step == cfg["steps"]
             write_now = step % cfg["ckpt_every"] == 0 and step < cfg["steps"] or step == cfg["guide_at"]
-            poll = stop["signal"] is not None if world == 1 else step % STOP_EVERY == 0
-            stopping = False
-            if log_now or write_now or poll:
-                # The loop's one host sync, at these steps alone: the sums, the first bad step, every rank's stop flag.
-                stop_flag = torch.full((), float(stop["signal"] is not None), device=device)
-                sums = torch.stack([loss_sum, gnorm_sum, stop_flag])
-                bad = first_bad.clone()
-                if world > 1:
-                    dist.all_reduce(sums)                                # every rank sees the same loss and stop flag
-                    dist.all_reduce(bad, op=dist.ReduceOp.MIN)
-                    sums[:2] /= world
-                loss_total, gnorm_total, stopping, bad = torch.cat([sums.double(), bad.double()[None]]).tolist()
-                if bad != NEVER:
-                    last = os.path.join(out, "ckpt.pt")
-                    raise FloatingPointError(f"loss or gradient not finite at step {bad:.0f} (counting from 0); "
-                                             f"stopped without writing a checkpoint"
-                                             + (f"; the last good one is {last}" if os.path.exists(last) else ""))
-                if log_now:
-                    now = time.time()
-                    n_log = step - log_step                     # steps since the last line (a resume starts mid-way)
-                    if master:
-                        rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
-                               (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
-                        metrics.write(json.dumps(rec) + "\n")
-                        metrics.flush()
-                        left = (cfg["steps"] - step) * (now - t0) / (step - start_step)
-                        log(f"step {step}/{cfg['steps']} | loss {rec['loss']:.4f} | {rec['img_s']:.1f} img/s | "
-                            f"lr {lr:.2e} | grad norm {rec['grad_norm']:.3f} | {left / 60:.1f} min left")
-                    t_log, log_step = now, step
-                    loss_sum.zero_()
-                    gnorm_sum.zero_()
+            if log_now or write_now or (stop["signal"] is not None if world == 1 else step % STOP_EVERY == 0):
+                loss_total, gnorm_total, stopped = read_sums(loss_sum, gnorm_sum, first_bad,
+                                                             stop["signal"] is not None, world, out)
+            if log_now:
+                now, n_log = time.time(), step - log_step  # steps since the last line (a resume starts mid-way)
+                if master:
+                    rec = {"step": step, "loss": loss_total / n_log, "lr": lr, "img_s": n_log * cfg["batch_size"] /
+                           (now - t_log), "grad_norm": gnorm_total / n_log, "seconds": seconds_before + now - t0}
+                    log_line(metrics, rec, cfg["steps"], (cfg["steps"] - step) * (now - t0) / (step - start_step), log)
+                t_log, log_step = now, step
+                loss_sum.zero_()
+                gnorm_sum.zero_()
             if master and cfg["sample_every"] and step % cfg["sample_every"] == 0:
                 with amp:
                     x = sample(ema, schedule, fixed_noise.shape, fixed_y.to(device) if cfg["num_classes"] else None,
@@ -1301,19 +1309,11 @@ def train(cfg, log=print):
                 save_grid(x, os.path.join(out, f"samples_{step:07d}.png"), nrow=8)
             if step % cfg["ckpt_every"] == 0 and step < cfg["steps"]:
                 checkpoint()
-            if master and step == cfg["guide_at"]:                 # the weaker model that autoguidance guides with
-                save_checkpoint(os.path.join(out, "guide.pt"), {"config": cfg, "step": step, "ema": ema.state_dict(),
-                                                                 "model": ema.state_dict(), "total_steps": step})
-            if stopping:                                           # every rank agreed on the signal
-                stopped = True
+            if step == cfg["guide_at"]:                            # the weaker model that autoguidance guides with
+                checkpoint("guide.pt", model=ema.state_dict(), total_steps=step)
+            if stopped:                                            # every rank agreed on the signal
                 break
         checkpoint()
-    finally:
-        for s, h in old_handlers.items():
-            signal.signal(s, h)
-        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = tf32
-        if metrics is not None:
-            metrics.close()
     if stopped and master:
         log(f"stopped by signal {stop['signal']} at step {step}; checkpoint written: run the same command again "
             f"to continue (or --resume {out})")
@@ -1321,105 +1321,40 @@ def train(cfg, log=print):
                  "params": n_params, "config": cfg, "model": model, "origin": origin, "stopped": stopped}
 
 
+def max_forward_batch(device):
+    """The largest batch one forward pass should take: a CPU runs a batch of 128 slower per image than two of 64
+    (README: Speed), a GPU takes any batch. Every sampling path goes through this one number (in generate)."""
+    return 64 if torch.device(device).type == "cpu" else None
+
+
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
              batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf), guide=None):
     """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the null
     label num_classes: the unconditional model). Sample i's noise does not depend on `batch` (models are compared
-    from the same x_T); each forward is chunked to max_forward_batch, so `batch` only bounds memory."""
+    from the same x_T). The one place sampling is chunked: each call of `sample` takes at most `batch` images, and
+    few enough that each forward sees at most max_forward_batch images (a guided step's forward is of 2N)."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
     y = None
     if model.num_classes:
         y = torch.arange(n) % model.num_classes if label is None else torch.full((n,), label)
+    limit = max_forward_batch(device)
+    if limit is not None:
+        batch = min(batch, max(1, limit // (2 if cfg_scale != 1.0 and guide is None else 1)))
     out = []
     with autocast(device, precision):
         for i in range(0, n, batch):
             yi = None if y is None else y[i:i + batch].to(device)
-            out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps, cfg_scale, cfg_rescale, eta,
-                              spacing, generator=g, noise=noise[i:i + batch], cfg_interval=cfg_interval,
-                              guide=guide).float().cpu())
+            out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps=steps, cfg_scale=cfg_scale,
+                              cfg_rescale=cfg_rescale, eta=eta, spacing=spacing, generator=g, noise=noise[i:i + batch],
+                              cfg_interval=cfg_interval, guide=guide).float().cpu())
     return torch.cat(out), y
 
 
 # =================================================================================================
-#                  7. Command line: train, sample, and bench (where the time goes)
+#                               7. Command line: train and sample
 # =================================================================================================
-
-def step_times(cfg, iters, sample_steps):
-    """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch for
-    sample_steps DDIM steps, unguided and guided: after a warm-up (and compilation), on cfg's model and device."""
-    cfg = {**TRAIN_DEFAULTS, **cfg, "num_classes": 10}
-    check_config(cfg)
-    device, B, S = torch.device(cfg["device"]), cfg["batch_size"], cfg["image_size"]
-    torch.manual_seed(0)
-    model = UNet(**model_kwargs(cfg)).to(device)
-    perceptual_net = frozen_copy(model)
-    net = torch.compile(model) if cfg["compile"] else model
-    schedule, amp = schedule_from(cfg), autocast(device, cfg["precision"])
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    x0, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
-
-    first = []
-
-    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
-
-    def timed(fn, n):
-        t0 = time.time()
-        fn()                                                       # warm-up (and compilation)
-        sync()
-        first.append(time.time() - t0)
-        t0 = time.time()
-        for _ in range(n):
-            fn()
-        sync()
-        return (time.time() - t0) / n
-
-    def train_step(loss):
-        loss_of = objective(loss, net, perceptual_net, schedule)
-
-        def step():
-            with amp:
-                l = loss_of(x0, y)
-            l.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        return step
-
-    def sampler(w):
-        def run():
-            with amp:
-                sample(net, schedule, (B, 3, S, S), y, steps=sample_steps, cfg_scale=w)
-        return run
-
-    t = {"mse": timed(train_step("mse"), iters), "self-perceptual": timed(train_step("self-perceptual"), iters)}
-    model.eval()
-    t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), cfg=cfg, first_step_seconds=first[0],
-             params=sum(p.numel() for p in model.parameters()))
-    return t
-
-
-def bench(cfg, iters=5, log=print):
-    """Parameter count, training images/s with each objective (and their ratio), and sampling images/s at
-    50 DDIM steps without and with guidance."""
-    t = step_times(cfg, iters, 50)
-    cfg, B = t["cfg"], t["cfg"]["batch_size"]
-    res = {"params": t["params"], "device": cfg["device"], "batch": B, "precision": cfg["precision"],
-           "threads": torch.get_num_threads(), "train_img_s_mse": B / t["mse"],
-           "train_img_s_self_perceptual": B / t["self-perceptual"], "self_perceptual_step_ratio": t["self-perceptual"] / t["mse"],
-           "sample_img_s_50_steps": B / t["unguided"], "sample_img_s_50_steps_guided": B / t["guided"],
-           "guided_step_ratio": t["guided"] / t["unguided"], "max_forward_batch": max_forward_batch(cfg["device"]),
-           "first_step_seconds": t["first_step_seconds"]}
-    log(f"model {res['params'] / 1e6:.2f}M parameters | {cfg['device']}, batch {B}, precision {cfg['precision']}, "
-        f"{res['threads']} threads")
-    for what, key, extra in (("train  mse            ", "train_img_s_mse", ""), ("train  self-perceptual",
-                             "train_img_s_self_perceptual", f"(step cost {res['self_perceptual_step_ratio']:.2f}x mse)"),
-                             ("sample 50 steps       ", "sample_img_s_50_steps", ""), ("sample 50 steps, cfg  ",
-                             "sample_img_s_50_steps_guided", f"(step cost {res['guided_step_ratio']:.2f}x unguided; "
-                             f"forwards chunked to {res['max_forward_batch']})")):
-        log(f"{what} {res[key]:8.1f} img/s   {extra}".rstrip())
-    return res
-
 
 class Parser(argparse.ArgumentParser):
     """argparse, but a bad argument is one line and exit code 2 (not a usage block)."""
@@ -1461,30 +1396,33 @@ def add_sampling_args(p):
     """The flags `sample` and `evaluate` share."""
     p.add_argument("--ckpt", required=True, help="checkpoint (RUN/ckpt.pt); its EMA weights are used")
     p.add_argument("--steps", type=POS_INT, default=50, help="DDIM steps, at most the model's T (default: 50)")
-    p.add_argument("--cfg", type=NONNEG_FLOAT, default=1.0, help="classifier-free guidance scale w; 1 = no guidance (default: 1)")
+    p.add_argument("--cfg", type=NONNEG_FLOAT, default=1.0, help="classifier-free guidance scale w; 1 = no guidance "
+                   "(default: 1)")
     p.add_argument("--cfg-rescale", type=UNIT, default=0.0, help="guidance rescale phi in [0, 1] (default: 0)")
     p.add_argument("--cfg-interval", type=interval_arg, default=(0.0, math.inf), metavar="LO,HI",
                    help="guide only at noise levels sigma_t/alpha_t in (LO, HI] (Kynkaanniemi et al. 2024; "
                         "default: 0,inf = every step)")
-    p.add_argument("--guide", default="", help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same model, "
-                   "such as RUN/guide.pt that stage 1 saved on its way; --cfg is then its weight w")
+    p.add_argument("--guide", default="", help="autoguidance (Karras et al. 2024): a weaker checkpoint of the same "
+                   "model, such as RUN/guide.pt that stage 1 saved on its way; --cfg is then its weight w")
     p.add_argument("--eta", type=UNIT, default=0.0, help="0 = deterministic DDIM, 1 = ancestral (default: 0)")
-    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"], help="timestep spacing (default: trailing)")
+    p.add_argument("--spacing", default="trailing", choices=["trailing", "leading", "linspace"],
+                   help="timestep spacing (default: trailing)")
     p.add_argument("--seed", type=ANY_INT, default=0, help="seed of the initial noise (default: 0)")
     p.add_argument("--batch", type=POS_INT, default=256, help="images per sampling call; each forward is chunked to "
                    "the device's efficient size (default: 256)")
-    p.add_argument("--device", type=DEVICE, default="auto", help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
-    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"], help="autocast precision (default: auto)")
+    p.add_argument("--device", type=DEVICE, default="auto", help="device: auto (cuda, else mps, else cpu), cpu, cuda "
+                   "or mps (default: auto)")
+    p.add_argument("--precision", default="auto", choices=["auto", "bf16", "fp32"],
+                   help="autocast precision (default: auto)")
 
 
 def build_parser():
-    """The command line: train, sample, bench. Every numeric flag's range is its type."""
+    """The command line: train and sample. Every numeric flag's range is its type."""
     parser = Parser(prog="perceptual_diffusion.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
     p = sub.add_parser("train", help="train a model (stage 1: --loss mse; stage 2: --loss self-perceptual --init)")
     add_train_args(p)
-    p.add_argument("--estimate", action="store_true", help="time a few steps and print the projected training time; train nothing")
     p = sub.add_parser("sample", help="sample a grid (PNG) and/or an .npz from a checkpoint")
     add_sampling_args(p)
     p.add_argument("--n", type=POS_INT, default=64, help="number of samples (default: 64)")
@@ -1492,10 +1430,6 @@ def build_parser():
                    "label, i.e. unconditional (default: cycle through the classes)")
     p.add_argument("--out", default="grid.png", help="image grid to write (default: grid.png; '' for none)")
     p.add_argument("--npz", default="", help="also write uint8 NHWC images (arr_0) and labels, as FID tools read")
-    p = sub.add_parser("bench", help="parameters, training and sampling images/s for the model flags")
-    add_train_args(p, {"image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
-                       "batch_size", "device", "precision", "compile"})
-    p.add_argument("--iters", type=POS_INT, default=5, help="timed training steps per objective (default: 5)")
     return parser
 
 
@@ -1532,29 +1466,21 @@ def run_command(parser, argv, dispatch, needed):
         return e.code
     try:
         return dispatch(args) or 0
-    except UsageError as e:
+    except (UsageError, FloatingPointError, OSError) as e:         # refused before work, or the work's end failed
         print(f"error: {e}", file=sys.stderr)
-        if dist.is_initialized():
+        if isinstance(e, UsageError) and dist.is_initialized():
             dist.destroy_process_group()
-        return 2
-    except (FloatingPointError, OSError) as e:                     # the work ran; its end failed (said in one line)
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+        return 2 if isinstance(e, UsageError) else 1
     except KeyboardInterrupt:                                      # Ctrl-C, or a signal that stopped a stage
         print("stopped: the last checkpoint is kept; rerun the same command to continue", file=sys.stderr)
         return 130
 
 
 def run_train(args):
-    """`train`: one run (under torchrun, this rank's share), or with --estimate its projected time only."""
+    """`train`: one run (under torchrun, this rank's share), its flags' rules checked first (check_flags)."""
     cfg = vars(args).copy()
     cfg.pop("command")
-    if cfg.pop("estimate"):
-        check_config(cfg)
-        t = step_times(cfg, iters=3, sample_steps=1)
-        print(f"estimate: {cfg['steps']} {cfg['loss']} steps at {t[cfg['loss']]:.3f} s each (measured over 3 "
-              f"steps on {cfg['device']}): {cfg['steps'] * t[cfg['loss']] / 60:.1f} min of training")
-        return
+    check_flags({**TRAIN_DEFAULTS, **cfg})
     train(cfg)
     if dist.is_initialized():
         dist.barrier()                                             # no rank tears down while another still talks
@@ -1563,28 +1489,23 @@ def run_train(args):
 
 def run_sample(args):
     """`sample`: a grid and/or an .npz from a checkpoint's EMA weights, the outputs checked before any work."""
-    for flag, path, exts in (("--out", args.out, image_extensions()), ("--npz", args.npz, [".npz"])):
+    for flag, path, extensions in (("--out", args.out, None), ("--npz", args.npz, [".npz"])):
         if path:
-            writable_file(path, flag, exts)
+            writable_file(path, flag, extensions)
     ckpt, model, guide = load_for_sampling(args)
-    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, args.cfg, args.cfg_rescale, args.eta,
-                    args.spacing, args.seed, args.batch, args.precision, args.label, args.cfg_interval, guide)
+    x, y = generate(model, schedule_from(ckpt["config"]), args.n, args.steps, cfg_scale=args.cfg,
+                    cfg_rescale=args.cfg_rescale, eta=args.eta, spacing=args.spacing, seed=args.seed, batch=args.batch,
+                    precision=args.precision, label=args.label, cfg_interval=args.cfg_interval, guide=guide)
     save_samples(x, y, args.out, args.npz, nrow=max(model.num_classes, 8) if args.label is None else 8)
     print(f"wrote {args.n} samples to {' and '.join(p for p in (args.out, args.npz) if p)}")
 
 
-MOVED = ("reproduce", "evaluate", "gpucheck", "pretrain")        # commands of reproduce.py
-
-
 def main(argv=None):
-    """Run one command of this file; the comparison's commands name reproduce.py."""
+    """Run one command of this file (the comparison's commands are reproduce.py's)."""
     argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] in MOVED:
-        print(f"error: {argv[0]} is a command of reproduce.py now: python reproduce.py {' '.join(argv)}", file=sys.stderr)
-        return 2
-    commands = {"train": run_train, "sample": run_sample, "bench": lambda args: bench(vars(args), args.iters) and None}
+    commands = {"train": run_train, "sample": run_sample}
     return run_command(build_parser(), argv, lambda args: commands[args.command](args),
-                       "train, sample or bench (the paper's comparison: python reproduce.py)")
+                       "train or sample (the paper's comparison: python reproduce.py)")
 
 
 if __name__ == "__main__":

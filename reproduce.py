@@ -5,7 +5,7 @@ the paper's comparison. What it runs lives in experiment/, one module per respon
   metrics.py     Frechet distance, KID, precision/recall/density/coverage and their resampled forms
   stats.py       bootstrap intervals, paired verdicts, verdicts pooled over seeds
   report.py      markdown tables and pictures
-  tools.py       pretrain, the cost of a run (--estimate), gpucheck
+  tools.py       pretrain, bench (where the time goes), the cost of a run (--estimate), gpucheck
 
 Run (the built-in `shapes` data needs no network):
   python reproduce.py                                    # = reproduce --preset cpu: fine-tunes the shipped stage 1
@@ -18,6 +18,7 @@ Run (the built-in `shapes` data needs no network):
   python reproduce.py evaluate --ckpt runs/sp/ckpt.pt --n 1000
   python reproduce.py pool results/stage2_length             # pooled tables again from the kept seedS.json files
   python reproduce.py pretrain                           # regenerate pretrained/ (72 min of training on one core)
+  python reproduce.py bench                              # parameters, training and sampling images/s of the model flags
   python reproduce.py gpucheck                           # every GPU path, timed; each GPU preset's hours
 """
 import argparse
@@ -29,7 +30,7 @@ import torch
 from experiment.comparison import (ABLATIONS, PRESETS, PRETRAINED_DIR, REPRODUCE_TRAIN_ARGS, pool_folder, print_commands,
                                    reproduce, reproduce_lengths, reproduce_seeds)
 from experiment.rulers import CLASSIFIER_STEPS, Ruler, evaluate_model
-from experiment.tools import estimate, gpu_check, pretrain
+from experiment.tools import bench, estimate, gpu_check, pretrain
 from perceptual_diffusion import (ANY_INT, DEVICE, NONNEG_INT, POS_INT, Parser, TRAIN_DEFAULTS, UNIT, UsageError,
                                   add_sampling_args, add_train_args, load_for_sampling, ranged, run_command,
                                   schedule_from, writable_file)
@@ -77,7 +78,7 @@ def seeds_arg(text):
 
 
 def build_parser():
-    """The command line: reproduce, evaluate, gpucheck. Every numeric flag's range is its type."""
+    """The command line: reproduce, evaluate, pretrain, bench, gpucheck. Every numeric flag's range is its type."""
     parser = Parser(prog="reproduce.py", description=__doc__.split("\n\n")[0].strip(),
                     formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", parser_class=Parser)
@@ -142,6 +143,10 @@ def build_parser():
                        "the length summary (lengths.md, stage2_length.png)")
     p.add_argument("dir", help="the folder of seedS.json files (such as results/variants600), or of stepsL/ folders "
                    "of them (such as results/stage2_length); pooled.json and pooled.md are written in place")
+    p = sub.add_parser("bench", help="parameters, training and sampling images/s for the model flags")
+    add_train_args(p, {"image_size", "channels", "channel_mult", "num_res_blocks", "attn_res", "dropout",
+                       "batch_size", "device", "precision", "compile"})
+    p.add_argument("--iters", type=POS_INT, default=5, help="timed training steps per objective (default: 5)")
     p = sub.add_parser("gpucheck", help="every accelerator path once, timed, in one command; writes a JSON of figures")
     p.add_argument("--device", type=DEVICE, default=TRAIN_DEFAULTS["device"], help="device: auto (cuda, else mps, else cpu), cpu, cuda or mps (default: auto)")
     p.add_argument("--tiny", action="store_true", help="a tiny model: how the test suite runs the check on a CPU")
@@ -230,9 +235,10 @@ def main(argv=None):
         argv = ["reproduce", *argv]                                # python reproduce.py --out runs/x
     commands = {"evaluate": run_evaluate, "reproduce": run_reproduce, "gpucheck": run_gpucheck,
                 "pretrain": lambda args: pretrain(args.out, args.dest, args.device) and None,
-                "pool": lambda args: pool_folder(args.dir) and None}
+                "pool": lambda args: pool_folder(args.dir) and None,
+                "bench": lambda args: bench(vars(args), args.iters) and None}
     return run_command(build_parser(), argv, lambda args: commands[args.command](args),
-                       "reproduce, evaluate, pool, pretrain or gpucheck")
+                       "reproduce, evaluate, pool, pretrain, bench or gpucheck")
 
 
 if __name__ == "__main__":

@@ -163,8 +163,10 @@ def test_features_skip_the_up_path():
     [h.remove() for h in hooks]
 
 
-def test_image_size_the_unet_cannot_halve_is_a_usage_error():
+def test_image_size_the_unet_cannot_halve_is_refused_at_the_door_and_asserted_by_the_model():
     with pytest.raises(pd.UsageError, match="cannot be halved"):
+        pd.check_flags({**pd.TRAIN_DEFAULTS, "image_size": 30, "channel_mult": "1,2,2"})
+    with pytest.raises(AssertionError, match="cannot be halved"):
         pd.UNet(image_size=30, channel_mult=(1, 2, 2))
 
 
@@ -440,17 +442,22 @@ def test_guidance_formula_and_rescale_phi_zero_equals_plain_guidance():
     assert torch.allclose(v_half, 0.5 * v1 + 0.5 * v_cfg, atol=1e-5)
 
 
-def test_chunked_guided_sampling_equals_one_batched_forward_and_chunks_to_the_limit():
-    s = pd.Schedule(1000)
-    model = CountingModel(tiny_unet().eval())
-    noise, y = torch.randn(6, 3, 8, 8), torch.tensor([0, 1, 2, 0, 1, 2])
-    whole = pd.sample(model, s, noise.shape, y, steps=3, cfg_scale=2.5, cfg_rescale=0.7, noise=noise, max_batch=1000)
-    assert model.batches == [12] * 3
-    model.batches.clear()
-    chunked = pd.sample(model, s, noise.shape, y, steps=3, cfg_scale=2.5, cfg_rescale=0.7, noise=noise, max_batch=5)
-    assert model.batches == [5, 5, 2] * 3
-    assert torch.allclose(whole, chunked, atol=1e-5)
+def test_generate_chunks_each_forward_to_the_limit_a_guided_one_to_half_as_many_images_and_results_agree(monkeypatch):
     assert pd.max_forward_batch("cpu") == 64 and pd.max_forward_batch("cuda") is None
+    s, model, seen = pd.Schedule(1000), tiny_unet().eval(), []
+    model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+    guided = dict(cfg_scale=2.5, cfg_rescale=0.7, seed=1)
+    whole, y = pd.generate(model, s, 12, 3, **guided)
+    assert seen == [24] * 3                                        # one call of 12 images, a forward of 2N per step
+    seen.clear()
+    monkeypatch.setattr(pd, "max_forward_batch", lambda device: 10)
+    chunked, y2 = pd.generate(model, s, 12, 3, **guided)
+    assert seen == [10] * 6 + [4] * 3                              # calls of 5, 5 and 2 images
+    assert torch.allclose(whole, chunked, atol=1e-5) and torch.equal(y, y2)
+    seen.clear()
+    pd.generate(model, s, 12, 3, seed=1)                           # unguided: calls of 10 and 2
+    pd.generate(model, s, 12, 3, seed=1, batch=4)                  # `batch` bounds a call too
+    assert seen == [10] * 3 + [2] * 3 + [4] * 9
 
 
 def test_guidance_interval_covering_every_step_is_plain_guidance_and_an_empty_one_is_unguided():
@@ -717,7 +724,7 @@ def test_every_out_of_range_numeric_flag_is_one_line_and_exit_code_2_before_any_
 def test_the_parser_walk_covers_every_numeric_flag_of_every_subcommand():
     covered = {(c, f) for c, f, _ in numeric_flags()}
     assert {("train", "--lr"), ("train", "--warmup"), ("train", "--grad-clip"), ("sample", "--n"), ("sample", "--eta"),
-            ("sample", "--batch"), ("sample", "--cfg-interval"), ("bench", "--iters"), ("bench", "--batch-size")} <= covered
+            ("sample", "--batch"), ("sample", "--cfg-interval")} <= covered
 
 
 def unwritable_output_refused(module, argv, message, tmp_path, monkeypatch, capsys, loaders=()):
@@ -918,11 +925,11 @@ def test_the_file_copied_alone_into_an_empty_folder_trains_and_samples_a_grid_an
     assert sorted(os.listdir(alone)) == ["grid.png", "perceptual_diffusion.py", "run", "s.npz"]
 
 
-@pytest.mark.parametrize("command", ["reproduce", "evaluate", "gpucheck"])
-def test_the_comparisons_commands_name_reproduce_py_in_one_line_and_exit_2(command, capsys):
+@pytest.mark.parametrize("command", ["reproduce", "evaluate", "gpucheck", "bench"])
+def test_the_comparisons_commands_are_an_invalid_choice_here_in_one_line_and_exit_2(command, capsys):
     assert pd.main([command, "--preset", "smoke"]) == 2
     err = capsys.readouterr().err
-    assert err.count("\n") == 1 and f"python reproduce.py {command} --preset smoke" in err
+    assert err.count("\n") == 1 and f"invalid choice: '{command}'" in err
 
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
@@ -939,15 +946,6 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(tmp_path):
     assert "stopped by signal" in out and "--resume" in out
     step = pd.load_checkpoint(str(run / "ckpt.pt"))["step"]
     assert 2 <= step < 100000
-
-
-# ------------------------------------------ evaluation -----------------------------------------
-
-def test_bench_reports_throughputs_and_ratios():
-    res = pd.bench(dict(image_size=8, channels=8, channel_mult="1,2", attn_res="4", batch_size=4, device="cpu"),
-                   iters=1, log=lambda s: None)
-    assert res["params"] > 0 and res["train_img_s_mse"] > 0 and res["sample_img_s_50_steps_guided"] > 0
-    assert res["self_perceptual_step_ratio"] > 0 and res["guided_step_ratio"] > 0
 
 
 # -------------------------------------------- DDP ---------------------------------------------
@@ -1121,21 +1119,6 @@ def make_folder(path, classes=2, per_class=40, size=20):
     return str(path)
 
 
-def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(tmp_path):
-    for sizes in ([500, 300, 200], [1000] + [10] * 19, [500, 500] + [1] * 30):   # ImageFolder's order: class by class
-        y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
-        order = pd.stratified_order(y, seed=3)
-        assert sorted(order.tolist()) == list(range(len(y)))               # a permutation
-        share = torch.tensor(sizes, dtype=torch.float64) / len(y)
-        counts = F.one_hot(y[order], len(sizes)).double().cumsum(0)        # (prefix length, class)
-        prefix = torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]
-        assert (counts - prefix * share).abs().max() <= 1.5, sizes        # every prefix, every class
-    assert not torch.equal(order, pd.stratified_order(y, seed=4))  # seeded
-    folder = make_folder(tmp_path / "f", classes=3, per_class=30)  # through load_dataset, as the rulers read it
-    _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)
-    assert sorted(held_y[:3].tolist()) == [0, 1, 2]
-
-
 @pytest.mark.parametrize("flags, message", [
     (["--cooldown", "0.5", "--final-lr", "0.01", "--lr", "0.001"], "--final-lr 0.01 is above --lr 0.001"),
     (["--guide-at", "11", "--steps", "10"], "--guide-at 11 is past the last step (10)"),
@@ -1170,7 +1153,7 @@ def test_mps_is_accepted_where_torch_has_it_and_refused_in_one_line_where_not(mo
     assert "MPS is not available on this machine" in err and err.count("\n") == 1 and not (tmp_path / "r").exists()
     monkeypatch.setattr(torch.backends.mps, "is_available", lambda: True)
     with pytest.raises(pd.UsageError, match="bf16 is not supported on mps"):
-        pd.check_config({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
+        pd.check_flags({**pd.TRAIN_DEFAULTS, "device": "mps", "precision": "bf16"})
     assert pd.resolve_precision("mps", "auto") == "fp32"
 
 

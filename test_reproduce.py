@@ -15,7 +15,7 @@ import torch.nn.functional as F
 import perceptual_diffusion as pd
 import reproduce as rp
 from experiment import comparison, metrics, report, rulers, stats, tools
-from test_perceptual_diffusion import (TINY_FLAGS, make_folder, numeric_flags, refused_before_any_work, tiny_train,
+from test_perceptual_diffusion import (make_folder, numeric_flags, refused_before_any_work, tiny_train,
                                        unwritable_output_refused)
 
 def frechet(mu1, cov1, mu2, cov2):
@@ -360,8 +360,6 @@ def test_estimate_projects_every_stage_without_training(tmp_path, monkeypatch, c
     assert rp.main(["reproduce", "--preset", "smoke", "--estimate"]) == 0
     out = capsys.readouterr().out
     assert "stage 1" in out and "total" in out and os.listdir(tmp_path) == []      # nothing trained or written
-    assert pd.main(["train", "--estimate", "--steps", "1000", *TINY_FLAGS]) == 0
-    assert "min of training" in capsys.readouterr().out and os.listdir(tmp_path) == []
 
 
 @pytest.fixture(scope="module")
@@ -1055,7 +1053,7 @@ def test_estimate_counts_the_flops_of_each_gpu_preset_and_projects_its_hours_on_
 
 def test_flags_alone_run_the_default_command_reproduce(tmp_path, capsys):
     assert rp.main(["--preset", "smoke", "--estimate"]) == 0 and "estimate for --preset smoke" in capsys.readouterr().out
-    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,pool,gpucheck}" in capsys.readouterr().out
+    assert rp.main(["--help"]) == 0 and "{evaluate,reproduce,pretrain,pool,bench,gpucheck}" in capsys.readouterr().out
 
 
 # ----------------------------- devices and the protocol: right by construction -----------------------------
@@ -1283,3 +1281,40 @@ def test_the_tradeoff_picture_draws_the_sweeps_with_their_intervals_and_without_
     report.tradeoff_picture(old, str(tmp_path / "old.png"))                  # results written before the intervals
     from PIL import Image
     assert Image.open(tmp_path / "t.png").size[0] > 600 and Image.open(tmp_path / "old.png").size[0] > 600
+
+
+# ------------------- moved from test_perceptual_diffusion.py with the functions they test -------------------
+
+def test_bench_reports_throughputs_and_ratios(capsys):
+    res = tools.bench(dict(image_size=8, channels=8, channel_mult="1,2", attn_res="4", batch_size=4, device="cpu"),
+                      iters=1, log=lambda s: None)
+    assert res["params"] > 0 and res["train_img_s_mse"] > 0 and res["sample_img_s_50_steps_guided"] > 0
+    assert res["self_perceptual_step_ratio"] > 0 and res["guided_step_ratio"] > 0
+    assert rp.main(["bench", "--image-size", "8", "--channels", "8", "--channel-mult", "1,2", "--attn-res", "4",
+                    "--batch-size", "4", "--device", "cpu", "--iters", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "parameters" in out and "train  self-perceptual" in out and "sample 50 steps, cfg" in out
+
+
+def test_bench_is_a_command_of_reproduce_py_with_the_model_flags_and_their_ranges():
+    covered = {(c, f) for c, f, _ in numeric_flags(rp)}
+    assert {("bench", "--iters"), ("bench", "--batch-size"), ("bench", "--image-size"),
+            ("bench", "--dropout")} <= covered
+
+
+def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(tmp_path):
+    for sizes in ([500, 300, 200], [1000] + [10] * 19, [500, 500] + [1] * 30):   # ImageFolder's order: class by class
+        y = torch.cat([torch.full((n,), c) for c, n in enumerate(sizes)])
+        order = rulers.stratified_order(y, seed=3)
+        assert sorted(order.tolist()) == list(range(len(y)))               # a permutation
+        share = torch.tensor(sizes, dtype=torch.float64) / len(y)
+        counts = F.one_hot(y[order], len(sizes)).double().cumsum(0)        # (prefix length, class)
+        prefix = torch.arange(1, len(y) + 1, dtype=torch.float64)[:, None]
+        assert (counts - prefix * share).abs().max() <= 1.5, sizes        # every prefix, every class
+    assert not torch.equal(order, rulers.stratified_order(y, seed=4))     # seeded
+    folder = make_folder(tmp_path / "f", classes=3, per_class=30)          # through the Ruler, which orders them
+    ruler = rulers.Ruler("classifier", folder, str(tmp_path / "data"), 8, 0, 9, torch.device("cpu"),
+                         classifier_steps=10, log=lambda s: None)
+    assert sorted(ruler.heldout_y[:3].tolist()) == [0, 1, 2]
+    _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)  # the reference's split, in its own order
+    assert sorted(held_y.tolist()) == sorted(ruler.heldout_y.tolist()) and held_y.tolist() == sorted(held_y.tolist())

@@ -10,7 +10,7 @@ import time
 
 import torch
 
-from perceptual_diffusion import (TRAIN_DEFAULTS, UsageError, check_config, distributed, load_checkpoint,
+from perceptual_diffusion import (TRAIN_DEFAULTS, UsageError, check_flags, distributed, load_checkpoint,
                                   model_from_checkpoint, origin_of, schedule_from, train, weights_hash, writable_dir)
 from .report import (ablations_markdown, comparison_picture, fmt_ci, length_picture, lengths_markdown,
                      loss_curves_picture, pooled_markdown, results_markdown, tradeoff_picture)
@@ -201,7 +201,7 @@ def preset_settings(preset, overrides, **run):
                              "--stage1 train")
     p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v is not None and v is not False},
                   **run}
-    check_config({**TRAIN_DEFAULTS, **p["train"]})
+    check_flags({**TRAIN_DEFAULTS, **p["train"]})
     return p
 
 

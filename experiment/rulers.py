@@ -171,6 +171,18 @@ def cache_path(data_dir, what, data, image_size, data_seed):
     return os.path.join(data_dir, f"{what}_{name}_{image_size}px_seed{data_seed}.pt")
 
 
+def stratified_order(y, seed):
+    """A seeded order of labels y in which every prefix holds each class in proportion (within about 1.5 images):
+    position k takes the class furthest behind k n_c / N, each class's images in a seeded random order."""
+    g, classes = torch.Generator().manual_seed(seed), y.unique().tolist()
+    pools = {c: (y == c).nonzero().flatten()[torch.randperm(int((y == c).sum()), generator=g)].tolist() for c in classes}
+    n, order = {c: len(pools[c]) for c in classes}, []
+    for k in range(1, len(y) + 1):
+        c = max((c for c in classes if pools[c]), key=lambda c: k * n[c] / len(y) - (n[c] - len(pools[c])))
+        order.append(pools[c].pop())
+    return torch.tensor(order)
+
+
 class Ruler:
     """What every number is measured with: two feature networks that share nothing (the first: the classifier,
     or standard FID's Inception; the second: RandomFeatures), pixel statistics, and the statistics of `real_n`
@@ -182,6 +194,9 @@ class Ruler:
                  classifier_steps=CLASSIFIER_STEPS, log=print):
         self.features, self.device = features, device
         heldout, heldout_y, names, _ = load_dataset(data, data_dir, image_size, train=False, seed=data_seed)
+        if data not in ("shapes", "cifar10"):     # ImageFolder lists class by class: the rulers take prefixes of the
+            order = stratified_order(heldout_y, data_seed)        # held-out images, and each must hold every class
+            heldout, heldout_y = heldout[order], heldout_y[order]
         split = "test" if data in ("shapes", "cifar10") else f"held-out {FOLDER_HELDOUT:.0%} of the folder's"
         real_n = min(real_n, len(heldout))                         # a small folder has fewer images
         self.heldout, self.heldout_y, self.real_n, self.class_names = heldout, heldout_y, real_n, names

@@ -1,5 +1,6 @@
-"""The experiment's tools: the machine in words, pretrain (regenerates pretrained/), the cost of a run (FLOPs
-counted, time measured or projected) and gpucheck (every GPU path rehearsed and timed).
+"""The experiment's tools: the machine in words, pretrain (regenerates pretrained/), where the time goes (step
+timing, bench), the cost of a run (FLOPs counted, time measured or projected) and gpucheck (every GPU path rehearsed
+and timed).
 """
 import functools
 import hashlib
@@ -13,9 +14,9 @@ import time
 import torch
 
 import perceptual_diffusion
-from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, bench, frozen_copy, load_checkpoint, max_forward_batch,
-                                  model_from_checkpoint, model_kwargs, native_bf16, objective, save_checkpoint,
-                                  schedule_from, step_times, train, writable_dir)
+from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_flags, frozen_copy, generate, load_checkpoint,
+                                  max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective,
+                                  save_checkpoint, schedule_from, train, writable_dir)
 from .comparison import (ABLATIONS, BOOKKEEPING_KEYS, PRESETS, PRETRAINED, PRETRAINED_DIR, ROWS, preset_settings,
                          print_commands, reproduce, run_stage, stage1_settings, train_flags, write_outputs)
 from .report import fmt_ci
@@ -86,6 +87,78 @@ def pretrain(out="runs/pretrain", dest=PRETRAINED_DIR, device="cpu", log=print):
     write_outputs(dest, {os.path.basename(paths["card"]): json.dumps(card, indent=1)}, log)
     log(f"wrote {paths['mse']}, {paths['guide']} (each with its .sha256) and {paths['card']}")
     return card
+
+
+def step_times(cfg, iters, sample_steps):
+    """Seconds per training step of each objective at cfg's batch, and per sampling call of a batch for
+    sample_steps DDIM steps, unguided and guided: after a warm-up (and compilation), on cfg's model and device."""
+    cfg = {**TRAIN_DEFAULTS, **cfg, "num_classes": 10}
+    check_flags(cfg)
+    device, B, S = torch.device(cfg["device"]), cfg["batch_size"], cfg["image_size"]
+    torch.manual_seed(0)
+    model = UNet(**model_kwargs(cfg)).to(device)
+    perceptual_net = frozen_copy(model)
+    net = torch.compile(model) if cfg["compile"] else model
+    schedule, amp = schedule_from(cfg), autocast(device, cfg["precision"])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+    x0, y = torch.randn(B, 3, S, S, device=device), torch.randint(0, 10, (B,), device=device)
+
+    first = []
+
+    sync = {"cuda": torch.cuda.synchronize, "mps": lambda: torch.mps.synchronize()}.get(device.type, lambda: None)
+
+    def timed(fn, n):
+        t0 = time.time()
+        fn()                                                       # warm-up (and compilation)
+        sync()
+        first.append(time.time() - t0)
+        t0 = time.time()
+        for _ in range(n):
+            fn()
+        sync()
+        return (time.time() - t0) / n
+
+    def train_step(loss):
+        loss_of = objective(loss, net, perceptual_net, schedule)
+
+        def step():
+            with amp:
+                l = loss_of(x0, y)
+            l.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        return step
+
+    def sampler(w):                                                # as every sampling path: through generate
+        return lambda: generate(net, schedule, B, sample_steps, cfg_scale=w, precision=cfg["precision"])
+
+    t = {"mse": timed(train_step("mse"), iters), "self-perceptual": timed(train_step("self-perceptual"), iters)}
+    model.eval()
+    t.update(unguided=timed(sampler(1.0), 1), guided=timed(sampler(3.0), 1), cfg=cfg, first_step_seconds=first[0],
+             params=sum(p.numel() for p in model.parameters()))
+    return t
+
+
+def bench(cfg, iters=5, log=print):
+    """Parameter count, training images/s with each objective (and their ratio), and sampling images/s at
+    50 DDIM steps without and with guidance."""
+    t = step_times(cfg, iters, 50)
+    cfg, B = t["cfg"], t["cfg"]["batch_size"]
+    res = {"params": t["params"], "device": cfg["device"], "batch": B, "precision": cfg["precision"],
+           "threads": torch.get_num_threads(), "train_img_s_mse": B / t["mse"],
+           "train_img_s_self_perceptual": B / t["self-perceptual"], "self_perceptual_step_ratio": t["self-perceptual"] / t["mse"],
+           "sample_img_s_50_steps": B / t["unguided"], "sample_img_s_50_steps_guided": B / t["guided"],
+           "guided_step_ratio": t["guided"] / t["unguided"], "max_forward_batch": max_forward_batch(cfg["device"]),
+           "first_step_seconds": t["first_step_seconds"]}
+    log(f"model {res['params'] / 1e6:.2f}M parameters | {cfg['device']}, batch {B}, precision {cfg['precision']}, "
+        f"{res['threads']} threads")
+    for what, key, extra in (("train  mse            ", "train_img_s_mse", ""), ("train  self-perceptual",
+                             "train_img_s_self_perceptual", f"(step cost {res['self_perceptual_step_ratio']:.2f}x mse)"),
+                             ("sample 50 steps       ", "sample_img_s_50_steps", ""), ("sample 50 steps, cfg  ",
+                             "sample_img_s_50_steps_guided", f"(step cost {res['guided_step_ratio']:.2f}x unguided; "
+                             f"forwards chunked to {res['max_forward_batch']})")):
+        log(f"{what} {res[key]:8.1f} img/s   {extra}".rstrip())
+    return res
 
 
 # Where nothing was measured, time is projected from counted FLOPs at this stated assumption (a GPU's measured
