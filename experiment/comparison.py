@@ -487,8 +487,7 @@ def pool_folder(folder, log=print):
     and pooled.md, written in place; a folder of stepsL/ folders (a length sweep) -> each pooled, then lengths.md,
     lengths.json, stage2_length.png. The seeds must be distinct, share the preset and every setting but the seed,
     and have been measured with one ruler (pooled_result); a stage 1 trained per seed must differ between them.
-    Files it does not pool (runs on a shared stage 1, anything else) are named. Returns the pooled result or the
-    summary."""
+    Files it does not pool (runs on a shared stage 1, anything else) are named. Returns the result or summary."""
     if not os.path.isdir(folder):
         raise UsageError(f"pool: {folder!r} is not a folder")
     entries = sorted(os.listdir(folder))
