@@ -1034,12 +1034,13 @@ def start_state(cfg, out, world):
             init = load_checkpoint(cfg["init"]) if cfg["init"] and not cfg["resume"] else None
             path = os.path.join(out, "ckpt.pt")
             ckpt = load_checkpoint(path) if cfg["resume"] or os.path.isfile(path) else None
-            return (cfg if ckpt is None else continued_run(cfg, ckpt, out, init)), init, ckpt
-        except (OSError, KeyError, IndexError, ValueError) as e:
+            seen = world > 1 and (init and origin_of(init)["init_hash"], ckpt and (ckpt["step"],
+                                                                                   weights_hash(ckpt["ema"])))
+            return (cfg if ckpt is None else continued_run(cfg, ckpt, out, init)), init, ckpt, seen
+        except (OSError, KeyError, IndexError, ValueError) as e:     # what each rank read, by content, inside
             raise UsageError(f"cannot read --init or --out {out}: {type(e).__name__}: {e}")
-    seen = lambda r: (r[1] and origin_of(r[1])["init_hash"], r[2] and (r[2]["step"], weights_hash(r[2]["ema"])))
-    return agreed(world, read, seen, f"the ranks see different files in --init or --out {out}: put them on a "
-                  "filesystem that every node shares")
+    return agreed(world, read, lambda r: r[3], f"the ranks see different files in --init or --out {out}: put them "
+                  "on a filesystem that every node shares")[:3]
 
 
 def balanced_lambda(model, perceptual_net, schedule, batches, world=1, **options):
@@ -1221,7 +1222,7 @@ def train(cfg, log=print):
     step = 0 if ckpt is None else ckpt["step"]
     if ckpt is not None and step == cfg["steps"]:                  # finished: nothing is trained or written
         return finished_run(ckpt, out, device, log if master else lambda line: None)
-    writable_dir(out, "--resume" if cfg["resume"] else "--out")    # every rank, before any data is loaded or step taken
+    agreed(world, lambda: writable_dir(out, "--resume" if cfg["resume"] else "--out"))   # before any data or step
     # Rank 0 alone downloads or prepares the data, then the others read it: no race on one download folder.
     load = lambda: load_dataset(cfg["data"], cfg["data_dir"], cfg["image_size"], True, cfg["data_seed"])
     data = agreed(world, load if master else lambda: None)

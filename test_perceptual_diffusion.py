@@ -733,10 +733,10 @@ def unwritable_output_refused(module, argv, message, tmp_path, monkeypatch, caps
     monkeypatch.chdir(tmp_path)
     (tmp_path / "a_file").write_text("a file, not a folder")
     called = []
-    for m in (pd, *loaders):
-        for name in ("load_checkpoint", "load_dataset"):
-            if hasattr(m, name):
-                monkeypatch.setattr(m, name, lambda *a, **k: called.append(1))
+    patched = [(m, name) for m in (pd, *loaders) for name in ("load_checkpoint", "load_dataset") if hasattr(m, name)]
+    assert {name for _, name in patched} == {"load_checkpoint", "load_dataset"}
+    for m, name in patched:
+        monkeypatch.setattr(m, name, lambda *a, **k: called.append(1))
     needs = ["--ckpt", "x.pt"] if argv[0] in ("sample", "evaluate") else []
     assert module.main(argv + needs) == 2
     err = capsys.readouterr().err
