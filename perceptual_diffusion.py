@@ -1324,16 +1324,32 @@ def train(cfg, log=print):
 
 def max_forward_batch(device):
     """The largest batch one forward pass should take: a CPU runs a batch of 128 slower per image than two of 64
-    (README: Speed), a GPU takes any batch. Every sampling path goes through this one number (in generate)."""
+    (README: Speed), a GPU takes any batch. Every sampling path of `generate` goes through this one number."""
     return 64 if torch.device(device).type == "cpu" else None
+
+
+class Chunked:
+    """model(x, t, y) in pieces of at most `limit` images (None: at once), concatenated in float32: the one place
+    sampling is chunked, wrapped around the model by `generate`, so that neither the sampler's signature nor its
+    noise draws depend on the device (a guided step's forward of 2N is chunked here too)."""
+
+    def __init__(self, model, limit):
+        self.model, self.limit, self.num_classes, self.parameters = model, limit, model.num_classes, model.parameters
+
+    def __call__(self, x, t, y):
+        if self.limit is None or len(x) <= self.limit:
+            return self.model(x, t, y).float()
+        ys = [None] * len(x) if y is None else y.split(self.limit)
+        return torch.cat([self.model(xc, tc, yc).float() for xc, tc, yc in
+                          zip(x.split(self.limit), t.split(self.limit), ys)])
 
 
 def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0, spacing="trailing", seed=0,
              batch=256, precision="auto", label=None, cfg_interval=(0.0, math.inf), guide=None):
     """n samples from fixed starting noise (seed); labels cycle through the classes (or are all `label`; the null
     label num_classes: the unconditional model). Sample i's noise does not depend on `batch` (models are compared
-    from the same x_T). The one place sampling is chunked: each call of `sample` takes at most `batch` images, and
-    few enough that each forward sees at most max_forward_batch images (a guided step's forward is of 2N)."""
+    from the same x_T); each call of `sample` takes `batch` images (with eta > 0 its noise draws follow `batch`, on
+    any device), and each forward at most max_forward_batch of them (Chunked), so `batch` only bounds memory."""
     device = next(model.parameters()).device
     g = torch.Generator().manual_seed(seed)
     noise = torch.randn(n, 3, model.image_size, model.image_size, generator=g)
@@ -1341,13 +1357,12 @@ def generate(model, schedule, n, steps, cfg_scale=1.0, cfg_rescale=0.0, eta=0.0,
     if model.num_classes:
         y = torch.arange(n) % model.num_classes if label is None else torch.full((n,), label)
     limit = max_forward_batch(device)
-    if limit is not None:
-        batch = min(batch, max(1, limit // (2 if cfg_scale != 1.0 and guide is None else 1)))
+    net, guide = Chunked(model, limit), guide and Chunked(guide, limit)
     out = []
     with autocast(device, precision):
         for i in range(0, n, batch):
             yi = None if y is None else y[i:i + batch].to(device)
-            out.append(sample(model, schedule, noise[i:i + batch].shape, yi, steps=steps, cfg_scale=cfg_scale,
+            out.append(sample(net, schedule, noise[i:i + batch].shape, yi, steps=steps, cfg_scale=cfg_scale,
                               cfg_rescale=cfg_rescale, eta=eta, spacing=spacing, generator=g, noise=noise[i:i + batch],
                               cfg_interval=cfg_interval, guide=guide).float().cpu())
     return torch.cat(out), y

@@ -442,22 +442,27 @@ def test_guidance_formula_and_rescale_phi_zero_equals_plain_guidance():
     assert torch.allclose(v_half, 0.5 * v1 + 0.5 * v_cfg, atol=1e-5)
 
 
-def test_generate_chunks_each_forward_to_the_limit_a_guided_one_to_half_as_many_images_and_results_agree(monkeypatch):
+def test_generate_chunks_each_forward_to_the_limit_and_neither_results_nor_eta_noise_depend_on_it(monkeypatch):
     assert pd.max_forward_batch("cpu") == 64 and pd.max_forward_batch("cuda") is None
     s, model, seen = pd.Schedule(1000), tiny_unet().eval(), []
     model.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
     guided = dict(cfg_scale=2.5, cfg_rescale=0.7, seed=1)
     whole, y = pd.generate(model, s, 12, 3, **guided)
-    assert seen == [24] * 3                                        # one call of 12 images, a forward of 2N per step
+    ancestral, _ = pd.generate(model, s, 12, 3, eta=1.0, seed=1)
+    auto, _ = pd.generate(model, s, 12, 3, cfg_scale=2.0, guide=tiny_unet(seed=1).eval(), seed=1)
+    assert seen[:3] == [24] * 3                                    # one call of 12 images, a forward of 2N per step
     seen.clear()
     monkeypatch.setattr(pd, "max_forward_batch", lambda device: 10)
     chunked, y2 = pd.generate(model, s, 12, 3, **guided)
-    assert seen == [10] * 6 + [4] * 3                              # calls of 5, 5 and 2 images
+    assert seen == [10, 10, 4] * 3                                 # the guided forward of 24, in pieces of 10
     assert torch.allclose(whole, chunked, atol=1e-5) and torch.equal(y, y2)
+    assert torch.allclose(ancestral, pd.generate(model, s, 12, 3, eta=1.0, seed=1)[0], atol=1e-5)   # same noise
+    assert torch.allclose(auto, pd.generate(model, s, 12, 3, cfg_scale=2.0, guide=tiny_unet(seed=1).eval(),
+                                            seed=1)[0], atol=1e-5)
     seen.clear()
-    pd.generate(model, s, 12, 3, seed=1)                           # unguided: calls of 10 and 2
+    pd.generate(model, s, 12, 3, seed=1)                           # unguided: a forward of 12, in 10 and 2
     pd.generate(model, s, 12, 3, seed=1, batch=4)                  # `batch` bounds a call too
-    assert seen == [10] * 3 + [2] * 3 + [4] * 9
+    assert seen == [10, 2] * 3 + [4] * 9
 
 
 def test_guidance_interval_covering_every_step_is_plain_guidance_and_an_empty_one_is_unguided():
