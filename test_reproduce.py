@@ -1318,3 +1318,10 @@ def test_every_prefix_of_a_folders_heldout_set_holds_every_class_in_proportion(t
     assert sorted(ruler.heldout_y[:3].tolist()) == [0, 1, 2]
     _, held_y, _, _ = pd.load_dataset(folder, image_size=8, train=False)  # the reference's split, in its own order
     assert sorted(held_y.tolist()) == sorted(ruler.heldout_y.tolist()) and held_y.tolist() == sorted(held_y.tolist())
+
+
+def test_a_stage_1_whose_cool_down_would_raise_the_rate_is_refused_before_any_work(tmp_path, capsys):
+    # --lr below the preset's stage-2 rate: stage 1 would cool "down" to a higher rate. One line, nothing written.
+    for more in ([], ["--seeds", "2"], ["--estimate"]):
+        refused_before_any_work(rp.main, ["reproduce", "--preset", "cpu-long", "--lr", "1e-4", "--out",
+                                          str(tmp_path / "r"), *more], tmp_path, capsys, "a cool-down lowers the rate")

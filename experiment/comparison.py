@@ -13,7 +13,7 @@ import torch
 from perceptual_diffusion import (TRAIN_DEFAULTS, UsageError, check_flags, distributed, load_checkpoint,
                                   model_from_checkpoint, origin_of, schedule_from, train, weights_hash, writable_dir)
 from .report import (ablations_markdown, comparison_picture, fmt_ci, length_picture, lengths_markdown,
-                     loss_curves_picture, pooled_markdown, results_markdown, tradeoff_picture)
+                     loss_curves_picture, pooled_markdown, results_markdown, tradeoff_picture, write_outputs)
 from .rulers import CLASSIFIER_STEPS, Ruler, STANDARD_FID, evaluate_model, standard_fid, x0_hat_study
 from .stats import PRIMARY, SWEEP_KEYS, length_summary, pooled_rows, pooled_verdicts, variance_sources, verdict
 
@@ -202,6 +202,11 @@ def preset_settings(preset, overrides, **run):
     p["train"] = {**p["train"], **{k: v for k, v in (overrides.get("train") or {}).items() if v is not None and v is not False},
                   **run}
     check_flags({**TRAIN_DEFAULTS, **p["train"]})
+    if p["stage1"] == "train":                                     # its cool-down to the stage-2 rate, its guide
+        try:
+            check_flags({**TRAIN_DEFAULTS, **p["train"], **stage1_settings(p)})
+        except UsageError as e:
+            raise UsageError(f"stage 1 of --preset {preset} (cooled down to its stage-2 lr {p['stage2_lr']:g}): {e}")
     return p
 
 
@@ -467,9 +472,8 @@ def pooled_result(full, shared=None):
     runs that share the first seed's stage 1: that seed's result first)."""
     rulers = {r["protocol"].get("ruler_hash") for r in full} - {None}      # results written before it: not known
     if len(rulers) > 1:
-        raise UsageError(f"the seeds were measured with different classifier rulers (weights {', '.join(sorted(rulers))})"
-                         ": their rows and verdicts do not pool; measure every seed with one ruler (pretrained/ ships "
-                         "the default data's)")
+        raise UsageError(f"the seeds were measured with different classifier rulers ({', '.join(sorted(rulers))}): "
+                         "they do not pool; measure every seed with one ruler (pretrained/ ships the default data's)")
     rows = pooled_rows(full)
     pooled = {"preset": full[0]["preset"], "ruler": full[0]["protocol"].get("ruler"),
               "ruler_hash": next(iter(rulers), None), "seeds": [r["train"]["seed"] for r in full],
@@ -586,15 +590,3 @@ def finished_result(sub, preset, seed, overrides, ablations=False):
         return res if same and hashes == res["stage_hashes"] and asked <= present else None
     except (OSError, ValueError, KeyError, UsageError):
         return None
-
-
-def write_outputs(out, files, log):
-    """Write finished text files; if one cannot be written (disk full, folder removed), say so in one line and
-    keep the others: the numbers are also in the log above."""
-    for name, text in files.items():
-        try:
-            with open(os.path.join(out, name), "w") as f:
-                f.write(text)
-        except OSError as e:
-            log(f"error: could not write {os.path.join(out, name)} ({e.strerror or e}); its content is not lost: "
-                f"the rows are in the log above")

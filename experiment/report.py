@@ -365,3 +365,15 @@ def length_picture(summary, path):
     fig.tight_layout()
     fig.savefig(path, dpi=80)
     plt.close(fig)
+
+
+def write_outputs(out, files, log):
+    """Write finished text files; if one cannot be written (disk full, folder removed), say so in one line and
+    keep the others: the numbers are also in the log above."""
+    for name, text in files.items():
+        try:
+            with open(os.path.join(out, name), "w") as f:
+                f.write(text)
+        except OSError as e:
+            log(f"error: could not write {os.path.join(out, name)} ({e.strerror or e}); its content is not lost: "
+                f"the rows are in the log above")

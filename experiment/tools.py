@@ -18,8 +18,8 @@ from perceptual_diffusion import (TRAIN_DEFAULTS, UNet, autocast, check_flags, f
                                   max_forward_batch, model_from_checkpoint, model_kwargs, native_bf16, objective,
                                   save_checkpoint, schedule_from, train, writable_dir)
 from .comparison import (ABLATIONS, BOOKKEEPING_KEYS, PRESETS, PRETRAINED, PRETRAINED_DIR, ROWS, preset_settings,
-                         print_commands, reproduce, run_stage, stage1_settings, train_flags, write_outputs)
-from .report import fmt_ci
+                         print_commands, reproduce, run_stage, stage1_settings, train_flags)
+from .report import fmt_ci, write_outputs
 from .rulers import Ruler, evaluate_model, standard_fid
 
 
