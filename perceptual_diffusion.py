@@ -587,14 +587,19 @@ def save_checkpoint(path, state):
     os.replace(tmp, path)
 
 
+def matches_sha256(path):
+    """Whether the file's sha256 is the one written in PATH.sha256 beside it (as `sha256sum -c` reads it)."""
+    with open(path, "rb") as f, open(path + ".sha256") as h:
+        return hashlib.sha256(f.read()).hexdigest() == h.read().split()[0]
+
+
 def load_checkpoint(path):
     """Load with weights_only=True (a checkpoint never runs code); any failure is one clear line. A checkpoint
     with a PATH.sha256 beside it (the shipped models: `sha256sum -c` reads it too) must match that hash. Weights
     stored in fp16 load into fp32 models as they are (load_state_dict casts)."""
     if not os.path.isfile(path):
         raise UsageError(f"checkpoint {path!r} does not exist")
-    if os.path.isfile(path + ".sha256") and (hashlib.sha256(open(path, "rb").read()).hexdigest() !=
-                                             open(path + ".sha256").read().split()[0]):
+    if os.path.isfile(path + ".sha256") and not matches_sha256(path):
         raise UsageError(f"{path!r} does not match its sha256 in {path}.sha256: the file was changed or damaged; "
                          "restore it (git checkout) or regenerate it")
     try:

@@ -12,7 +12,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from perceptual_diffusion import (FOLDER_HELDOUT, UsageError, autocast, generate, load_dataset, norm, to_model_range,
-                                  to_uint8, weights_hash)
+                                  matches_sha256, to_uint8, weights_hash)
 from .metrics import (bootstrap_weights, feature_stats, frechet_distances, kid_real_term, prdc_indicators, resampled_fd,
                       resampled_kid, resampled_prdc, sqrtm_psd)
 from .report import tile
@@ -253,9 +253,7 @@ class Ruler:
         shipped = os.path.join(SHIPPED_DIR, os.path.basename(path))
         net = Classifier(num_classes)
         if os.path.isfile(shipped):
-            with open(shipped, "rb") as f:
-                digest = hashlib.sha256(f.read()).hexdigest()
-            if not os.path.isfile(shipped + ".sha256") or open(shipped + ".sha256").read().split()[0] != digest:
+            if not os.path.isfile(shipped + ".sha256") or not matches_sha256(shipped):
                 raise UsageError(f"{shipped!r} does not match its sha256 in {shipped}.sha256: the shipped ruler was "
                                  "changed or damaged; restore it (git checkout)")
             net.load_state_dict(torch.load(shipped, map_location="cpu", weights_only=True)["model"])
